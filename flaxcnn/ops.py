@@ -32,5 +32,5 @@ def avg_pool(x, kernel_size, strides, padding=0):
 
 
 def global_avg_pool(x):
-    """`nn.AdaptiveAvgPool2d((1, 1))` followed by `nn.Flatten()`."""
-    return jnp.mean(x, axis=(1, 2))
+    """`nn.AdaptiveAvgPool2d((1, 1))`: the mean of each channel, keeping (N, 1, 1, C)."""
+    return jnp.mean(x, axis=(1, 2), keepdims=True)

@@ -1,0 +1,83 @@
+"""DenseNet (d2l 7.7): `conv_block`, `DenseBlock`, `transition_block` and the network."""
+
+from functools import partial
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from flaxcnn.models.layers import (
+    Conv,
+    Dense,
+    Dtype,
+    ModuleDef,
+    check_input,
+    flatten,
+    run_layers,
+)
+from flaxcnn.models.resnet import batch_norm_layer, stem
+from flaxcnn.ops import avg_pool, global_avg_pool
+
+
+def conv_block(num_channels, conv=Conv, norm=nn.BatchNorm):
+    """The pre-activation order ResNet later adopted: BN, ReLU, 3x3 convolution."""
+    return nn.Sequential([
+        norm(parent=None), nn.relu, conv(num_channels, 3, padding=1, parent=None),
+    ])
+
+
+class DenseBlock(nn.Module):
+    """`num_convs` conv blocks, each one's output concatenated onto its input on the channel
+    axis, so the block adds `num_convs * num_channels` channels."""
+
+    num_convs: int
+    num_channels: int
+    conv: ModuleDef = Conv
+    norm: ModuleDef = nn.BatchNorm
+
+    @nn.compact
+    def __call__(self, X):
+        for _ in range(self.num_convs):
+            Y = conv_block(self.num_channels, self.conv, self.norm)(X)
+            X = jnp.concatenate((X, Y), axis=-1)
+        return X
+
+
+def transition_block(num_channels, conv=Conv, norm=nn.BatchNorm):
+    """A 1x1 convolution to `num_channels` and a stride-2 average pool: keeps the model small."""
+    return nn.Sequential([
+        norm(parent=None), nn.relu, conv(num_channels, 1, parent=None),
+        partial(avg_pool, kernel_size=2, strides=2),
+    ])
+
+
+class DenseNet(nn.Module):
+    num_convs_in_dense_blocks: tuple = (4, 4, 4, 4)
+    growth_rate: int = 32
+    num_classes: int = 10
+    dtype: Dtype = jnp.float32
+
+    min_side = 29
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        check_input(x, self.min_side, "DenseNet")
+        conv = partial(Conv, dtype=self.dtype)
+        norm = batch_norm_layer(train, self.dtype)
+        layers = [("Sequential", stem(conv, norm))]
+        # num_channels: the current number of channels.
+        num_channels = 64
+        blocks = self.num_convs_in_dense_blocks
+        for i, num_convs in enumerate(blocks):
+            layers.append(("DenseBlock", DenseBlock(num_convs, self.growth_rate, conv, norm)))
+            # The number of output channels of the previous dense block.
+            num_channels += num_convs * self.growth_rate
+            # A transition block that halves the channels between dense blocks.
+            if i != len(blocks) - 1:
+                num_channels //= 2
+                layers.append(("Sequential", transition_block(num_channels, conv, norm)))
+        layers += [
+            ("BatchNorm2d", norm()), ("ReLU", nn.relu),
+            ("AdaptiveAvgPool2d", global_avg_pool), ("Flatten", flatten),
+            ("Linear", Dense(self.num_classes, dtype=self.dtype)),
+        ]
+        return run_layers(self, layers, x).astype(jnp.float32)

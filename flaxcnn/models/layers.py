@@ -1,0 +1,109 @@
+"""The layers every network shares: PyTorch's Conv2d and Linear with the book's initialisation.
+
+`train_ch6` re-initialises every Conv2d and Linear weight with Xavier-uniform and leaves biases at
+PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Flax's bias initialisers see only the
+bias's shape, not fan_in, so these two layers create their own parameters (named `kernel` and
+`bias`, as `nn.Conv` and `nn.Dense` name them).
+
+Layers that a block function puts inside an `nn.Sequential` are made with `parent=None`, so that
+the `Sequential` adopts them as its own children rather than the enclosing network.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Dtype = Any
+ModuleDef = Any
+xavier_uniform = nn.initializers.xavier_uniform()
+
+
+def torch_bias_init(fan_in: int):
+    """PyTorch's default bias initialisation for Conv2d and Linear: U(-1/sqrt(fan_in), ...)."""
+    bound = 1.0 / fan_in**0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Conv(nn.Module):
+    """`nn.Conv2d(in, features, kernel_size, stride=strides, padding=padding)` on NHWC input."""
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    padding: int = 0
+    dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        k, p = self.kernel_size, self.padding
+        fan_in = x.shape[-1] * k * k
+        kernel = self.param("kernel", xavier_uniform, (k, k, x.shape[-1], self.features))
+        bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = lax.conv_general_dilated(
+            x, kernel, (self.strides, self.strides), ((p, p), (p, p)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision,
+        )
+        return y + bias
+
+
+class Dense(nn.Module):
+    """`nn.Linear(in, features)`; the kernel is stored (in, out), the transpose of PyTorch's."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        fan_in = x.shape[-1]
+        kernel = self.param("kernel", xavier_uniform, (fan_in, self.features))
+        bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return jnp.dot(x, kernel, precision=self.precision) + bias
+
+
+def flatten(x):
+    """`nn.Flatten()`; NHWC order, so a ported first Linear needs its rows permuted."""
+    return x.reshape(x.shape[0], -1)
+
+
+def check_input(x, min_side: int, network: str):
+    """Rejects what the book's network could not take, before anything is traced further."""
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) != 4:
+        raise ValueError(
+            f"{network} expects NHWC input of rank 4 (N, H, W, 1), got shape {shape}"
+        )
+    if shape[-1] != 1:
+        raise ValueError(
+            f"{network} expects 1 input channel (NHWC, Fashion-MNIST), got shape {shape} "
+            f"with {shape[-1]} channels"
+        )
+    if min(shape[1], shape[2]) < min_side:
+        raise ValueError(
+            f"{network} needs input sides of at least {min_side} pixels, got "
+            f"{shape[1]}x{shape[2]}"
+        )
+
+
+def run_layers(module: nn.Module, layers: Sequence[tuple[str, Callable]], x):
+    """Applies `layers` in order, as the book's `nn.Sequential` does.
+
+    Each output is sown into `intermediates` under `NN:BookName:module_name`, so that `summary`
+    can print the book's `for layer in net: print(layer.__class__.__name__, X.shape)`.
+    """
+    for i, (book_name, layer) in enumerate(layers):
+        x = layer(x)
+        owner = layer.name if isinstance(layer, nn.Module) else ""
+        module.sow("intermediates", f"{i:02d}:{book_name}:{owner}", x)
+    return x
