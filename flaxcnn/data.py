@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -343,7 +344,15 @@ def _fingerprint(version_dir: Path, split: str) -> dict:
     shards = sorted(
         (p.name, p.stat().st_size) for p in version_dir.glob(f"{DATASET}-{split}.*") if p.is_file()
     )
-    return {"dataset_info_sha256": info_sha, "shards": [list(s) for s in shards]}
+    try:
+        package = importlib.metadata.version("tensorflow-datasets")
+    except importlib.metadata.PackageNotFoundError:
+        package = None
+    return {
+        "tensorflow_datasets": package,
+        "dataset_info_sha256": info_sha,
+        "shards": [list(s) for s in shards],
+    }
 
 
 def _arrays_sha256(images: np.ndarray, labels: np.ndarray) -> str:
@@ -380,14 +389,32 @@ def _read_cache(version_dir: Path, split: str):
             meta = json.loads(str(z["meta"]))
             images, labels = z["images"], z["labels"]
     except Exception as e:
-        raise DataError(f"cannot read the cache {path} ({e}); delete it to rebuild it") from e
+        raise DataError(f"the cache {path} is corrupted or unreadable ({e}); delete it") from e
     if meta.get("format") != CACHE_FORMAT or meta.get("tfds") != _fingerprint(version_dir, split):
         log.info("%s is stale (the tfds dataset changed); rebuilding it", path)
         return None
     if _arrays_sha256(images, labels) != meta.get("sha256"):
-        raise DataError(f"the cache {path} is corrupted (sha256 mismatch); delete it to rebuild it")
+        raise DataError(f"the cache {path} is corrupted (sha256 mismatch); delete it")
     _check_arrays(images, labels, split, path)
     return images, labels
+
+
+def _find_cache(data_dir: Path, split: str):
+    """The cached split under any prepared version of the dataset, newest first, or None.
+
+    Needs neither TensorFlow nor tensorflow_datasets: the cache is valid when it was made by the
+    installed tfds package from the tfds files now on disk (see `_fingerprint`).
+    """
+
+    def version_key(p: Path):
+        return tuple(int(v) if v.isdigit() else -1 for v in p.name.split("."))
+
+    version_dirs = [p.parent.parent for p in (data_dir / DATASET).glob(f"*/flaxcnn/{split}.npz")]
+    for version_dir in sorted(version_dirs, key=version_key, reverse=True):
+        cached = _read_cache(version_dir, split)
+        if cached is not None:
+            return cached
+    return None
 
 
 def _write_cache(version_dir: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -480,13 +507,12 @@ def load_split(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     data_dir = resolve_data_dir(data_dir)
-    builder = _builder(data_dir)
-    version_dir = Path(builder.data_dir)
-    cached = _read_cache(version_dir, split)
+    cached = _find_cache(data_dir, split)
     if cached is not None:
         return cached
     with _lock(data_dir):
-        builder = _builder(data_dir)  # re-read: another process may have prepared it meanwhile
+        builder = _builder(data_dir)  # after the lock: another process may have prepared it
+        version_dir = Path(builder.data_dir)
         cached = _read_cache(version_dir, split)
         if cached is not None:
             return cached
