@@ -1,0 +1,112 @@
+"""Default XLA:CPU settings for these networks, applied when `flaxcnn` is imported.
+
+XLA reads `XLA_FLAGS` once, when JAX creates its first backend, so the defaults are merged into
+the environment variable at import time, before anything is compiled. They are merged flag by
+flag: a flag the user already put in `XLA_FLAGS` is never overridden, whatever its value. Only
+`xla_cpu_*` flags are set, which no other backend reads, so a GPU run compiles exactly as before
+(its host-side CPU computations get the same defaults).
+
+Opt out with `FLAXCNN_NO_XLA_DEFAULTS=1` (any non-empty value other than `0`), or set the flag
+yourself. The evidence for each default is in `benchmarks/xla_cpu_study.md`.
+
+If JAX's backend already exists when `flaxcnn` is first imported, the defaults cannot take effect
+any more; `apply_defaults` then changes nothing and says so in `STATUS` (and in a warning when
+the backend is a CPU and the defaults are missing).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import warnings
+
+OPT_OUT_ENV = "FLAXCNN_NO_XLA_DEFAULTS"
+
+# name -> value ("" means `--name=`). Keep in sync with benchmarks/xla_cpu_study.md.
+DEFAULT_XLA_FLAGS: dict[str, str] = {
+    # YNNPACK fusions make convolution backward passes 3-8x slower on these shapes; without them
+    # XLA:CPU uses its Eigen convolutions. Numerically equivalent (both are f32 convolutions).
+    "xla_cpu_experimental_ynn_fusion_type": "",
+}
+
+# What the last `apply_defaults` did: "applied", "already-set", "opted-out", "too-late",
+# "flagfile" or "not-run".
+STATUS = "not-run"
+
+
+def _flag_name(token: str) -> str | None:
+    if not token.startswith("-"):
+        return None
+    return token.lstrip("-").split("=", 1)[0]
+
+
+def user_flag_names(xla_flags: str) -> set[str]:
+    """The flag names in an `XLA_FLAGS` string (`--name=value` or `--name` tokens)."""
+    try:
+        tokens = shlex.split(xla_flags)
+    except ValueError:
+        tokens = xla_flags.split()
+    return {name for name in map(_flag_name, tokens) if name}
+
+
+def merge_flags(xla_flags: str, defaults: dict[str, str] | None = None) -> str:
+    """`xla_flags` with every default whose flag it does not already name appended."""
+    defaults = DEFAULT_XLA_FLAGS if defaults is None else defaults
+    present = user_flag_names(xla_flags)
+    extra = [f"--{name}={value}" for name, value in defaults.items() if name not in present]
+    return " ".join([xla_flags.strip(), *extra]).strip()
+
+
+def _opted_out(environ) -> bool:
+    value = environ.get(OPT_OUT_ENV, "").strip().lower()
+    return value not in ("", "0", "false", "no")
+
+
+def _backend_initialised() -> bool:
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    return bool(bridge is not None and bridge.backends_are_initialized())
+
+
+def apply_defaults(environ=None) -> str:
+    """Merges `DEFAULT_XLA_FLAGS` into `XLA_FLAGS` if JAX has not started yet; returns STATUS."""
+    global STATUS
+    environ = os.environ if environ is None else environ
+    current = environ.get("XLA_FLAGS", "")
+    if _opted_out(environ):
+        STATUS = "opted-out"
+    elif "flagfile" in user_flag_names(current):
+        # Flags from a file are invisible here; adding ours could override them.
+        STATUS = "flagfile"
+    elif all(name in user_flag_names(current) for name in DEFAULT_XLA_FLAGS):
+        STATUS = "already-set"
+    elif _backend_initialised():
+        STATUS = "too-late"
+        _warn_too_late()
+    else:
+        environ["XLA_FLAGS"] = merge_flags(current)
+        STATUS = "applied"
+    return STATUS
+
+
+def _warn_too_late():
+    import jax
+
+    if jax.default_backend() == "cpu":
+        flags = " ".join(f"--{k}={v}" for k, v in DEFAULT_XLA_FLAGS.items())
+        warnings.warn(
+            "flaxcnn was imported after JAX created its backend, so its XLA:CPU defaults "
+            f"({flags}) are not in effect and training runs several times slower. Import flaxcnn "
+            f"before running JAX code, or set XLA_FLAGS='{flags}' yourself.",
+            RuntimeWarning, stacklevel=3,
+        )
+
+
+def active_flags() -> dict[str, str]:
+    """The flags in `XLA_FLAGS` now, as name -> value (for reports)."""
+    out = {}
+    for token in shlex.split(os.environ.get("XLA_FLAGS", "")):
+        name = _flag_name(token)
+        if name:
+            out[name] = token.split("=", 1)[1] if "=" in token else "true"
+    return out
