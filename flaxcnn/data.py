@@ -98,7 +98,7 @@ HOW_TO = (
     f" {ENV_DIR}=<that directory> (or pass manual_dir= / --manual-dir), or\n"
     "  * point TFDS_DATA_DIR (or data_dir= / --data-dir) at a tfds data dir in which"
     f" {DATASET} is already prepared;\n"
-    "or run once on a machine that can reach " + UPSTREAM_URL
+    "or run once on a machine that can reach " + UPSTREAM_URL + "."
 )
 
 
@@ -448,8 +448,8 @@ def _read_tfds(builder, split: str):
     return images, labels
 
 
-def _prepare_tfds(builder, data_dir: Path, manual_dir, download: bool | None) -> str:
-    """Make ``builder.is_prepared()`` true; returns how it was done."""
+def _prepare_tfds(data_dir: Path, manual_dir, download: bool | None) -> str:
+    """Prepare the tfds dataset in `data_dir`; returns how it was done."""
     local = find_local_files(manual_dir, data_dir)
     if local is not None:
         source, what = local
@@ -476,7 +476,7 @@ def _prepare_tfds(builder, data_dir: Path, manual_dir, download: bool | None) ->
 
     log.info("preparing %s in %s (%s)", DATASET, data_dir, how)
     try:
-        builder.download_and_prepare(
+        _builder(data_dir).download_and_prepare(
             download_config=tfds.download.DownloadConfig(**download_config_kw)
         )
     except Exception as e:
@@ -510,18 +510,19 @@ def load_split(
     cached = _find_cache(data_dir, split)
     if cached is not None:
         return cached
-    with _lock(data_dir):
-        builder = _builder(data_dir)  # after the lock: another process may have prepared it
-        version_dir = Path(builder.data_dir)
+    with _lock(data_dir):  # then look again: another process may have prepared it meanwhile
+        import tensorflow_datasets as tfds  # no TensorFlow import by itself
+
+        version_dir = data_dir / DATASET / str(tfds.builder_cls(DATASET).VERSION)
         cached = _read_cache(version_dir, split)
         if cached is not None:
             return cached
-        if not builder.is_prepared():
-            _prepare_tfds(builder, data_dir, manual_dir, download)
-            builder = _builder(data_dir)
+        if not (version_dir / "dataset_info.json").is_file():
+            _prepare_tfds(data_dir, manual_dir, download)
+        builder = _builder(data_dir)
         out = None
         for s in SPLITS:  # TensorFlow is loaded now: decode and cache both splits at once
-            if s != split and _cache_path(version_dir, s).is_file():
+            if s != split and _read_cache(version_dir, s) is not None:
                 continue
             images, labels = _read_tfds(builder, s)
             _write_cache(version_dir, s, images, labels)
@@ -707,7 +708,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("--no-download", action="store_true", help="never use the network")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    log.setLevel(logging.INFO)
     try:
         t = time.perf_counter()
         out = prepare(args.data_dir, args.manual_dir, download=False if args.no_download else None)
