@@ -197,18 +197,66 @@ def _inner_smo(kbb, alpha, f, y, c, valid, tol, max_inner):
     return alpha, it
 
 
-@partial(jax.jit, static_argnames=("kernel", "degree", "q", "max_inner"))
-def _solve(x, sq, pidx, y, p, c, gamma, coef0, tol, max_outer, *, kernel, degree, q, max_inner):
+@partial(jax.jit, static_argnames=("kernel", "degree", "q", "max_inner", "rows", "chunk"))
+def _solve(
+    x, sq, pidx, y, p, c, gamma, coef0, tol, max_outer, *, kernel, degree, q, max_inner, rows,
+    chunk,
+):
     """Solve one dual problem. x: [n, d] points; pidx: [m] the point of each variable;
-    y, p, c: [m] sign, linear term and upper bound (c = 0 marks padding). Returns
-    (alpha, f = -y G, outer iterations, inner iterations, final violation)."""
+    y, p, c: [m] sign, linear term and upper bound (c = 0 marks padding).
+
+    Kernel rows live in a cache of `rows` slots (least recently used out); rows missing from it
+    are computed `chunk` at a time, each chunk one [chunk, d] x [d, n] matrix product.
+    Returns (alpha, f = -y G, outer iterations, inner iterations, final violation,
+    kernel rows computed)."""
     m = y.shape[0]
+    n = x.shape[0]
     h = q // 2
     kern = partial(_kernel_block, kernel=kernel, degree=degree)
 
-    def rows(idx):
-        pts = pidx[idx]
-        return kern(x[pts], x, sq[pts], sq, gamma, coef0)
+    def fetch(cache, slot_of, owner, stamp, it, ws, valid, k):
+        """Make the rows of the last k entries of ws resident; returns the cache state and the
+        [q, n] block of ws's rows."""
+        pts = pidx[ws]
+        # keep every row the working set uses: stamp them now, evict the oldest others
+        cached = valid & (slot_of[pts] >= 0)
+        stamp = stamp.at[jnp.where(cached, slot_of[pts], rows)].set(it, mode="drop")
+        new_pts, new_valid = pts[q - k :], valid[q - k :]
+        first = jnp.full(n, k, jnp.int32).at[jnp.where(new_valid, new_pts, n)].min(
+            jnp.arange(k, dtype=jnp.int32), mode="drop"
+        )
+        need = new_valid & (slot_of[new_pts] < 0) & (first[new_pts] == jnp.arange(k))
+        n_need = jnp.sum(need.astype(jnp.int32))
+        k_pad = -(-k // chunk) * chunk
+        todo = jnp.argsort(~need, stable=True)  # the points to compute first
+        todo_pts = jnp.zeros(k_pad, jnp.int32).at[: k].set(new_pts[todo])
+        _, victims = lax.top_k(-stamp, k)
+        victims = jnp.full(k_pad, rows, jnp.int32).at[:k].set(victims.astype(jnp.int32))
+
+        def cond(s):
+            return s[0] * chunk < n_need
+
+        def body(s):
+            b, cache, slot_of, owner = s
+            at = b * chunk + jnp.arange(chunk)
+            active = at < n_need
+            p_b = lax.dynamic_slice(todo_pts, (b * chunk,), (chunk,))
+            v_b = lax.dynamic_slice(victims, (b * chunk,), (chunk,))
+            v_w = jnp.where(active, v_b, rows)
+            block = kern(x[p_b], x, sq[p_b], sq, gamma, coef0)
+            cache = cache.at[v_w].set(block, mode="drop")
+            old = owner.at[v_w].get(mode="fill", fill_value=-1)
+            slot_of = slot_of.at[jnp.where(old >= 0, old, n)].set(-1, mode="drop")
+            slot_of = slot_of.at[jnp.where(active, p_b, n)].set(v_b, mode="drop")
+            owner = owner.at[v_w].set(p_b, mode="drop")
+            return b + 1, cache, slot_of, owner
+
+        b, cache, slot_of, owner = lax.while_loop(
+            cond, body, (jnp.int32(0), cache, slot_of, owner)
+        )
+        slots = jnp.where(valid, slot_of[pts], 0)
+        stamp = stamp.at[jnp.where(valid, slots, rows)].set(it, mode="drop")
+        return cache, slot_of, owner, stamp, cache[slots], n_need
 
     def update(alpha, f, ws, valid, kb):
         """Solve the sub-problem on ws and propagate it to all gradients."""
@@ -217,34 +265,46 @@ def _solve(x, sq, pidx, y, p, c, gamma, coef0, tol, max_outer, *, kernel, degree
         a_new, n_in = _inner_smo(kbb, a_old, f[ws], y[ws], c[ws], valid, tol, max_inner)
         delta = jnp.where(valid, a_new - a_old, 0.0)
         alpha = alpha.at[jnp.where(valid, ws, m)].set(a_new, mode="drop")
-        v = (y[ws] * delta) @ kb  # [n]: sum_s y_s da_s K(point, x_s)
+        v = jnp.dot(y[ws] * delta, kb, precision=lax.Precision.HIGHEST)  # sum_s y_s da_s K(., x_s)
         f = f - v[pidx]
         return alpha, f, n_in
 
+    cache = jnp.zeros((rows, n), jnp.float32)
+    slot_of = jnp.full(n, -1, jnp.int32)
+    owner = jnp.full(rows, -1, jnp.int32)
+    stamp = jnp.full(rows, -1, jnp.int32)
     alpha = jnp.zeros(m, jnp.float32)
     f = -y * p
     none = jnp.zeros(m, bool)
-    ws, valid = _select(f, alpha, y, c, none, q)
-    kb = rows(ws)
-    alpha, f, n_in = update(alpha, f, ws, valid, kb)
-    state = (jnp.int32(1), n_in, alpha, f, ws, valid, kb, _violation(f, alpha, y, c))
+    # the working set starts empty (all slots invalid); each outer step fills half of it
+    ws = jnp.zeros(q, jnp.int32)
+    valid = jnp.zeros(q, bool)
+    state = (
+        jnp.int32(0), jnp.int32(0), jnp.int32(0), alpha, f, ws, valid, cache, slot_of, owner,
+        stamp, jnp.float32(jnp.inf),
+    )
 
     def cond(s):
-        it, _, _, _, _, _, _, gap = s
+        it, gap = s[0], s[-1]
         return (gap > tol) & (it < max_outer)
 
     def body(s):
-        it, n_inner, alpha, f, ws, valid, kb, _ = s
+        it, n_inner, n_rows, alpha, f, ws, valid, cache, slot_of, owner, stamp, _ = s
         exclude = none.at[ws].max(valid)  # ThunderSVM: new variables come from outside ws
         new, new_valid = _select(f, alpha, y, c, exclude, h)
         ws = jnp.concatenate([ws[h:], new])
         valid = jnp.concatenate([valid[h:], new_valid])
-        kb = jnp.concatenate([kb[h:], rows(new)])
+        cache, slot_of, owner, stamp, kb, n_new = fetch(
+            cache, slot_of, owner, stamp, it, ws, valid, h
+        )
         alpha, f, n_in = update(alpha, f, ws, valid, kb)
-        return it + 1, n_inner + n_in, alpha, f, ws, valid, kb, _violation(f, alpha, y, c)
+        return (
+            it + 1, n_inner + n_in, n_rows + n_new, alpha, f, ws, valid, cache, slot_of, owner,
+            stamp, _violation(f, alpha, y, c),
+        )
 
-    it, n_inner, alpha, f, _, _, _, gap = lax.while_loop(cond, body, state)
-    return alpha, f, it, n_inner, gap
+    it, n_inner, n_rows, alpha, f, *_, gap = lax.while_loop(cond, body, state)
+    return alpha, f, it, n_inner, gap, n_rows
 
 
 def _bucket(n: int, minimum: int = 64) -> int:
@@ -266,10 +326,13 @@ class _Problem:
     """One binary dual problem on host arrays, solved by `_solve`."""
 
     @staticmethod
-    def solve(x, y, p, c, pidx, *, kernel, gamma, coef0, degree, tol, max_iter, q, max_inner):
+    def solve(
+        x, y, p, c, pidx, *, kernel, gamma, coef0, degree, tol, max_iter, q, max_inner,
+        cache_size, chunk,
+    ):
         """x: [n, d] float32 points; y, p, c: [m] float64; pidx: [m] int point per variable.
 
-        Returns a dict with alpha (float64 [m]), G, rho, obj, iterations, violation."""
+        Returns a dict with alpha (float64 [m]), grad, rho, obj, iterations, violation."""
         n, d = x.shape
         m = y.shape[0]
         n_pad, m_pad = _bucket(n), _bucket(m)
@@ -284,13 +347,18 @@ class _Problem:
         cp = np.zeros(m_pad, np.float32)  # padding: C = 0, never in I_up or I_low
         cp[:m] = c
         qq = _working_set_size(m, q)
+        chunk = max(1, min(int(chunk), qq // 2))
+        # the cache: all rows if they fit in cache_size MB, else as many as fit (>= 1.5 q)
+        rows = min(n_pad, max(int(cache_size * 2**20) // (4 * n_pad), 1))
+        rows = max(rows, qq + qq // 2)
         xj = jnp.asarray(xp)
         sq = jnp.sum(xj * xj, axis=1)
-        alpha, f, it, n_inner, gap = _solve(
+        alpha, f, it, n_inner, gap, n_rows = _solve(
             xj, sq, jnp.asarray(pid), jnp.asarray(yp), jnp.asarray(pp), jnp.asarray(cp),
             jnp.float32(gamma), jnp.float32(coef0), jnp.float32(tol),
             jnp.int32(max_iter if max_iter > 0 else np.iinfo(np.int32).max),
-            kernel=kernel, degree=int(degree), q=qq, max_inner=int(max_inner),
+            kernel=kernel, degree=int(degree), q=qq, max_inner=int(max_inner), rows=rows,
+            chunk=chunk,
         )
         alpha = np.asarray(alpha, np.float64)[:m]
         f = np.asarray(f, np.float64)[:m]
@@ -302,6 +370,8 @@ class _Problem:
             "obj": 0.5 * float(alpha @ (grad + p)),
             "outer": int(it),
             "inner": int(n_inner),
+            "kernel_rows": int(n_rows),
+            "cache_rows": rows,
             "violation": float(gap),
             "converged": bool(float(gap) <= tol),
             "q": qq,
@@ -384,7 +454,7 @@ def _check_labels(y, n) -> np.ndarray:
         if frac.any():
             raise ValueError(
                 "class labels must be integers; y contains non-integer values such as "
-                f"{arr[frac][0]!r} (for real-valued targets use SVR)"
+                f"{arr[frac][0].item()!r} (for real-valued targets use SVR)"
             )
         return arr.astype(np.int64)
     raise ValueError(f"class labels must be integers, not {arr.dtype} (e.g. {arr.flat[0]!r})")
@@ -412,6 +482,12 @@ def _positive(name, value):
     return float(value)
 
 
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, not {value!r}")
+    return int(value)
+
+
 def _real(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, not {value!r}")
@@ -428,7 +504,7 @@ class _BaseSVM:
 
     def __init__(
         self, kernel="rbf", C=1.0, gamma="scale", degree=3, coef0=0.0, tol=1e-3, max_iter=-1,
-        working_set_size=512, max_inner=None, verbose=False,
+        working_set_size=512, max_inner=None, cache_size=1024, chunk=64, verbose=False,
     ):
         self.kernel = kernel
         self.C = C
@@ -439,6 +515,8 @@ class _BaseSVM:
         self.max_iter = max_iter
         self.working_set_size = working_set_size
         self.max_inner = max_inner
+        self.cache_size = cache_size
+        self.chunk = chunk
         self.verbose = verbose
 
     # -- parameters -----------------------------------------------------------------------
@@ -489,6 +567,8 @@ class _BaseSVM:
         return dict(
             kernel=self.kernel, gamma=gamma, coef0=coef0, degree=int(self.degree), tol=tol,
             max_iter=int(self.max_iter), q=int(q), max_inner=int(max_inner),
+            cache_size=_positive("cache_size", self.cache_size),
+            chunk=_positive_int("chunk", self.chunk),
         ), c
 
     def _check_fitted(self):
@@ -510,7 +590,7 @@ class _BaseSVM:
             print(
                 f"  {what}: {len(y)} variables, {int((res['alpha'] > 0).sum())} SV,"
                 f" obj {res['obj']:.6g}, {res['outer']} outer / {res['inner']} inner iterations"
-                f" (q={res['q']}), violation {res['violation']:.2e},"
+                f" (q={res['q']}), {res['kernel_rows']} kernel rows, violation {res['violation']:.2e},"
                 f" {time.perf_counter() - t:.2f} s", flush=True,
             )
         return res
@@ -572,10 +652,10 @@ class SVC(_BaseSVM):
     def __init__(
         self, kernel="rbf", C=1.0, gamma="scale", degree=3, coef0=0.0, tol=1e-3, max_iter=-1,
         decision_function_shape="ovr", multiclass="ovo", working_set_size=512, max_inner=None,
-        verbose=False,
+        cache_size=1024, chunk=64, verbose=False,
     ):
         super().__init__(kernel, C, gamma, degree, coef0, tol, max_iter, working_set_size,
-                         max_inner, verbose)
+                         max_inner, cache_size, chunk, verbose)
         self.decision_function_shape = decision_function_shape
         self.multiclass = multiclass
 
@@ -752,10 +832,11 @@ class SVR(_BaseSVM):
 
     def __init__(
         self, kernel="rbf", C=1.0, epsilon=0.1, gamma="scale", degree=3, coef0=0.0, tol=1e-3,
-        max_iter=-1, working_set_size=512, max_inner=None, verbose=False,
+        max_iter=-1, working_set_size=512, max_inner=None, cache_size=1024, chunk=64,
+        verbose=False,
     ):
         super().__init__(kernel, C, gamma, degree, coef0, tol, max_iter, working_set_size,
-                         max_inner, verbose)
+                         max_inner, cache_size, chunk, verbose)
         self.epsilon = epsilon
 
     def fit(self, X, y):

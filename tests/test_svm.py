@@ -1,0 +1,367 @@
+"""flaxcnn.svm against scikit-learn's SVC / SVR (libsvm), on small problems.
+
+Tolerances (both solvers stop at the same maximal KKT violation `TOL`; ours computes in float32,
+libsvm in float64, and the two take different paths to the optimum, so they stop at slightly
+different points of the same convex problem):
+
+* dual objective: relative difference <= 1e-4;
+* support set: identical, except points whose coefficient is below `SV_ALPHA_TOL * C` in the
+  model that has them (an alpha that is 0 in one solution and ~tol in the other);
+* decision values: |ours - libsvm's| <= 2e-3 * (1 + |libsvm's|); predictions equal wherever
+  libsvm's decision value is farther than that from 0;
+* KKT: the maximal violation max_{I_up} -yG - min_{I_low} -yG, recomputed in float64 from our
+  coefficients, <= TOL + 1e-3 (float32 drift of the gradient); 0 <= alpha <= C exactly;
+  |sum y alpha| <= 1e-5 C n.
+"""
+
+import gzip
+import os
+import warnings
+
+import numpy as np
+import pytest
+from sklearn import svm as sk
+from sklearn.datasets import make_classification, make_regression
+from sklearn.metrics.pairwise import pairwise_kernels
+
+from flaxcnn import svm
+
+TOL = 1e-4
+OBJ_RTOL = 1e-4
+SV_ALPHA_TOL = 2e-3
+DEC_TOL = 2e-3
+KKT_SLACK = 1e-3
+
+# kernel -> (parameters, data it is used with); sigmoid needs small gamma to stay well posed
+KERNELS = {
+    "linear": {},
+    "poly": {"gamma": 0.1, "coef0": 1.0, "degree": 3},
+    "rbf": {"gamma": "scale"},
+    "sigmoid": {"gamma": 0.01, "coef0": -0.5},
+}
+N = 240
+
+
+@pytest.fixture(scope="module")
+def binary():
+    x, y = make_classification(
+        N, 8, n_informative=5, n_redundant=1, flip_y=0.05, class_sep=0.8, random_state=0
+    )
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def three_class():
+    x, y = make_classification(
+        300, 6, n_informative=4, n_redundant=0, n_classes=3, n_clusters_per_class=1,
+        class_sep=0.9, random_state=1,
+    )
+    return x, y
+
+
+FASHION = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+
+
+@pytest.fixture(scope="module")
+def fashion_pair():
+    """200 test images of T-shirt (0) and shirt (6), the hardest pair, pixels in [0, 1]."""
+    if not os.path.exists(FASHION):
+        pytest.skip("Fashion-MNIST IDX files not installed")
+    with gzip.open(FASHION) as f:
+        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 784)
+    with gzip.open(FASHION.replace("images-idx3", "labels-idx1")) as f:
+        y = np.frombuffer(f.read(), np.uint8, offset=8)
+    idx = np.concatenate([np.flatnonzero(y == 0)[:100], np.flatnonzero(y == 6)[:100]])
+    return x[idx].astype(np.float64) / 255, y[idx].astype(np.int64)
+
+
+def _kparams(kernel, params, model):
+    out = {"metric": kernel}
+    if kernel != "linear":
+        out["gamma"] = model._gamma
+    if kernel in ("poly", "sigmoid"):
+        out["coef0"] = params.get("coef0", 0.0)
+    if kernel == "poly":
+        out["degree"] = params.get("degree", 3)
+    return out
+
+
+def _dual_objective(coef, sv, kp):
+    """1/2 c^T K c - sum |c| for a C-SVC with coefficients c = y alpha (float64)."""
+    k = pairwise_kernels(sv, sv, **kp)
+    return 0.5 * coef @ k @ coef - np.abs(coef).sum()
+
+
+def _kkt_violation(x, yb, alpha, c, kp):
+    """The maximal KKT violation of a C-SVC solution, recomputed in float64."""
+    k = pairwise_kernels(x, x, **kp)
+    grad = yb * (k @ (yb * alpha)) - 1.0
+    f = -yb * grad
+    up = np.where(yb > 0, alpha < c, alpha > 0)
+    low = np.where(yb > 0, alpha > 0, alpha < c)
+    return f[up].max() - f[low].min()
+
+
+def _compare_support(ours_idx, ours_coef, ref_idx, ref_coef, c):
+    """Support sets agree except for coefficients below SV_ALPHA_TOL * C."""
+    ours = dict(zip(ours_idx.tolist(), np.abs(ours_coef).tolist(), strict=True))
+    ref = dict(zip(ref_idx.tolist(), np.abs(ref_coef).tolist(), strict=True))
+    for i in set(ours) ^ set(ref):
+        a = ours.get(i, ref.get(i))
+        assert a <= SV_ALPHA_TOL * c, f"sample {i} is a support vector in one model only (|a|={a})"
+
+
+def _compare_decisions(ours, ref):
+    np.testing.assert_array_less(np.abs(ours - ref), DEC_TOL * (1 + np.abs(ref)))
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_binary_matches_libsvm(kernel, binary):
+    x, y = binary
+    params = KERNELS[kernel]
+    c = 2.0
+    ref = sk.SVC(kernel=kernel, C=c, tol=TOL, **params).fit(x, y)
+    ours = svm.SVC(kernel=kernel, C=c, tol=TOL, **params).fit(x, y)
+    kp = _kparams(kernel, params, ours)
+    assert ours._gamma == pytest.approx(ref._gamma, rel=1e-12)
+
+    # dual objective: ours (from the solver's gradient, and recomputed) against libsvm's
+    obj_ref = _dual_objective(ref.dual_coef_[0], ref.support_vectors_, kp)
+    obj_ours = _dual_objective(ours.dual_coef_[0], x[ours.support_], kp)
+    assert ours.dual_objective_[0] == pytest.approx(obj_ref, rel=OBJ_RTOL)
+    assert obj_ours == pytest.approx(obj_ref, rel=OBJ_RTOL)
+
+    # support vectors, coefficients, intercept: scikit-learn's layout and signs
+    _compare_support(ours.support_, ours.dual_coef_[0], ref.support_, ref.dual_coef_[0], c)
+    np.testing.assert_allclose(ours.support_vectors_, x[ours.support_], rtol=1e-6)
+    assert ours.intercept_.shape == ref.intercept_.shape == (1,)
+    assert abs(ours.intercept_[0] - ref.intercept_[0]) <= DEC_TOL * (1 + abs(ref.intercept_[0]))
+
+    # decision function and predictions
+    dec_ref = ref.decision_function(x)
+    dec_ours = ours.decision_function(x)
+    _compare_decisions(dec_ours, dec_ref)
+    sure = np.abs(dec_ref) > DEC_TOL * (1 + np.abs(dec_ref))
+    np.testing.assert_array_equal(ours.predict(x)[sure], ref.predict(x)[sure])
+
+    # KKT conditions of our solution, in float64
+    yb = np.where(y == ours.classes_[0], 1.0, -1.0)  # libsvm: +1 for the first class
+    alpha = np.zeros(len(y))
+    alpha[ours.support_] = np.abs(ours.dual_coef_[0])
+    assert alpha.min() >= 0 and alpha.max() <= c
+    assert abs(yb @ alpha) <= 1e-5 * c * len(y)
+    assert _kkt_violation(x, yb, alpha, c, kp) <= TOL + KKT_SLACK
+    assert ours.kkt_violation_[0] <= TOL
+
+
+def test_fashion_pair_matches_libsvm(fashion_pair):
+    """The benchmark's setting (RBF, C=10, gamma='scale', pixels in [0, 1]) on 200 images."""
+    x, y = fashion_pair
+    ref = sk.SVC(C=10, tol=TOL).fit(x, y)
+    ours = svm.SVC(C=10, tol=TOL).fit(x, y)
+    kp = _kparams("rbf", {}, ours)
+    obj_ref = _dual_objective(ref.dual_coef_[0], ref.support_vectors_, kp)
+    assert ours.dual_objective_[0] == pytest.approx(obj_ref, rel=OBJ_RTOL)
+    _compare_support(ours.support_, ours.dual_coef_[0], ref.support_, ref.dual_coef_[0], 10)
+    _compare_decisions(ours.decision_function(x), ref.decision_function(x))
+    np.testing.assert_array_equal(ours.predict(x), ref.predict(x))
+
+
+def test_small_working_set_and_cache_give_the_same_solution(fashion_pair):
+    """Many outer iterations (q=16) with a cache of 24 rows (evictions) reach the same optimum."""
+    x, y = fashion_pair
+    full = svm.SVC(C=10, tol=TOL).fit(x, y)
+    small = svm.SVC(C=10, tol=TOL, working_set_size=16, cache_size=1e-9).fit(x, y)
+    assert small.n_iter_[0] > 10
+    assert small.dual_objective_[0] == pytest.approx(full.dual_objective_[0], rel=OBJ_RTOL)
+    _compare_decisions(small.decision_function(x), full.decision_function(x))
+
+
+def test_multiclass_one_vs_one_layout(three_class):
+    x, y = three_class
+    c = 1.0
+    ref = sk.SVC(C=c, tol=TOL).fit(x, y)
+    ours = svm.SVC(C=c, tol=TOL).fit(x, y)
+    np.testing.assert_array_equal(ours.classes_, ref.classes_)
+    assert ours.dual_coef_.shape[0] == ref.dual_coef_.shape[0] == 2
+    assert ours.intercept_.shape == ref.intercept_.shape == (3,)
+    np.testing.assert_allclose(ours.intercept_, ref.intercept_, atol=DEC_TOL * 10)
+    # per-pair coefficients, read out of the libsvm layout of both models
+    kp = _kparams("rbf", {}, ours)
+    assert ours.n_support_.sum() == len(ours.support_)
+    ours_pairs, ref_pairs = _pairs(ours, y), _pairs(ref, y)
+    for n, ((oi, oc), (ri, rc)) in enumerate(zip(ours_pairs, ref_pairs, strict=True)):
+        _compare_support(oi, oc, ri, rc, c)
+        obj_ref = _dual_objective(rc, x[ri], kp)
+        assert ours.dual_objective_[n] == pytest.approx(obj_ref, rel=OBJ_RTOL)
+    # support vectors grouped by class, as libsvm
+    assert np.all(np.diff(y[ours.support_]) >= 0)
+    # decision functions, both shapes, and predictions
+    for shape in ("ovo", "ovr"):
+        ref.set_params(decision_function_shape=shape)
+        ours.set_params(decision_function_shape=shape)
+        d_ref, d_ours = ref.decision_function(x), ours.decision_function(x)
+        assert d_ours.shape == d_ref.shape
+        _compare_decisions(d_ours, d_ref)
+    np.testing.assert_array_equal(ours.predict(x), ref.predict(x))
+
+
+def _pairs(model, y):
+    """(sample indices, y alpha) per one-vs-one problem from a libsvm-layout model."""
+    k = len(model.classes_)
+    cls = np.searchsorted(model.classes_, y[model.support_])
+    out = []
+    for a in range(k):
+        for b in range(a + 1, k):
+            ia, ib = cls == a, cls == b
+            idx = np.concatenate([model.support_[ia], model.support_[ib]])
+            coef = np.concatenate([model.dual_coef_[b - 1, ia], model.dual_coef_[a, ib]])
+            keep = coef != 0
+            out.append((idx[keep], coef[keep]))
+    return out
+
+
+def test_one_vs_rest(three_class):
+    from sklearn.multiclass import OneVsRestClassifier
+
+    x, y = three_class
+    ref = OneVsRestClassifier(sk.SVC(C=1.0, tol=TOL)).fit(x, y)
+    ours = svm.SVC(C=1.0, tol=TOL, multiclass="ovr").fit(x, y)
+    assert ours.dual_coef_.shape == (3, len(ours.support_))
+    d_ref, d_ours = ref.decision_function(x), ours.decision_function(x)
+    _compare_decisions(d_ours, d_ref)
+    np.testing.assert_array_equal(ours.predict(x), ref.predict(x))
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf", "poly"])
+def test_svr_matches_libsvm(kernel):
+    x, z = make_regression(200, 5, n_informative=4, noise=10.0, random_state=2)
+    z = z / z.std()
+    params = KERNELS[kernel]
+    c, eps = 3.0, 0.2
+    ref = sk.SVR(kernel=kernel, C=c, epsilon=eps, tol=TOL, **params).fit(x, z)
+    ours = svm.SVR(kernel=kernel, C=c, epsilon=eps, tol=TOL, **params).fit(x, z)
+    kp = _kparams(kernel, params, ours)
+
+    def objective(coef, sv):  # 1/2 b^T K b + eps sum |b| - z^T b, with b = a - a*
+        k = pairwise_kernels(sv, sv, **kp)
+        return 0.5 * coef @ k @ coef + eps * np.abs(coef).sum() - z[idx] @ coef
+
+    idx = ref.support_
+    obj_ref = objective(ref.dual_coef_[0], ref.support_vectors_)
+    idx = ours.support_
+    obj_ours = objective(ours.dual_coef_[0], x[ours.support_])
+    assert ours.dual_objective_[0] == pytest.approx(obj_ref, rel=OBJ_RTOL)
+    assert obj_ours == pytest.approx(obj_ref, rel=OBJ_RTOL)
+    _compare_support(ours.support_, ours.dual_coef_[0], ref.support_, ref.dual_coef_[0], c)
+    assert abs(ours.intercept_[0] - ref.intercept_[0]) <= DEC_TOL * (1 + abs(ref.intercept_[0]))
+    _compare_decisions(ours.predict(x), ref.predict(x))
+    assert ours.score(x, z) == pytest.approx(ref.score(x, z), abs=1e-4)
+    # KKT of the 2n-variable problem, in float64
+    k = pairwise_kernels(x, x, **kp)
+    a, a_star = ours.alpha_[: len(z)], ours.alpha_[len(z) :]
+    assert a.min() >= 0 and a_star.min() >= 0 and max(a.max(), a_star.max()) <= c
+    assert abs(a.sum() - a_star.sum()) <= 1e-5 * c * len(z)
+    beta = a - a_star
+    yv = np.concatenate([np.ones(len(z)), -np.ones(len(z))])
+    alpha = np.concatenate([a, a_star])
+    grad = np.concatenate([k @ beta + eps - z, -(k @ beta) + eps + z])
+    f = -yv * grad
+    up = np.where(yv > 0, alpha < c, alpha > 0)
+    low = np.where(yv > 0, alpha > 0, alpha < c)
+    assert f[up].max() - f[low].min() <= TOL + KKT_SLACK
+
+
+def test_gamma_scale_and_auto(binary):
+    x, y = binary
+    assert svm.SVC(gamma="scale").fit(x, y)._gamma == pytest.approx(1 / (8 * x.var()))
+    assert svm.SVC(gamma="auto").fit(x, y)._gamma == pytest.approx(1 / 8)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_bad_labels(binary):
+    x, y = binary
+    with pytest.raises(ValueError, match=r"labels must be integers.*such as \d\.5 "):
+        svm.SVC().fit(x, y + 0.5)
+    with pytest.raises(ValueError, match="labels must be integers"):
+        svm.SVC().fit(x, np.array(["a", "b"] * (N // 2)))
+    with pytest.raises(ValueError, match="labels must be integers.*NaN"):
+        svm.SVC().fit(x, np.where(y == 0, np.nan, 1.0))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        svm.SVC().fit(x, np.zeros(N, int))
+    with pytest.raises(ValueError, match="240 samples but y has 239"):
+        svm.SVC().fit(x, y[:-1])
+    # integral floats are integers
+    svm.SVC(max_iter=1).set_params(kernel="linear")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", svm.ConvergenceWarning)
+        assert svm.SVC(max_iter=1).fit(x, y.astype(float)).classes_.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_features(binary, bad):
+    x, y = binary
+    x = x.copy()
+    x[3, 2] = bad
+    with pytest.raises(ValueError, match="NaN or Inf.*row 3, column 2"):
+        svm.SVC().fit(x, y)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        svm.SVR().fit(x, y.astype(float))
+    model = svm.SVC(max_iter=1, kernel="linear")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", svm.ConvergenceWarning)
+        model.fit(binary[0], y)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model.predict(x)
+
+
+@pytest.mark.parametrize("c", [0, -1.0, np.nan, "10"])
+def test_bad_c(binary, c):
+    with pytest.raises(ValueError, match="C must be"):
+        svm.SVC(C=c).fit(*binary)
+    with pytest.raises(ValueError, match="C must be"):
+        svm.SVR(C=c).fit(binary[0], binary[1].astype(float))
+
+
+def test_bad_parameters(binary):
+    x, y = binary
+    with pytest.raises(ValueError, match="unknown kernel 'gaussian'; choose one of linear"):
+        svm.SVC(kernel="gaussian").fit(x, y)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        svm.SVR(kernel="precomputed").fit(x, y.astype(float))
+    with pytest.raises(ValueError, match="gamma must be"):
+        svm.SVC(gamma="big").fit(x, y)
+    with pytest.raises(ValueError, match="gamma must be"):
+        svm.SVC(gamma=-1.0).fit(x, y)
+    with pytest.raises(ValueError, match="degree must be an integer"):
+        svm.SVC(kernel="poly", degree=2.5).fit(x, y)
+    with pytest.raises(ValueError, match="epsilon must be >= 0"):
+        svm.SVR(epsilon=-0.1).fit(x, y.astype(float))
+    with pytest.raises(ValueError, match="multiclass must be"):
+        svm.SVC(multiclass="all").fit(x, y)
+    with pytest.raises(ValueError, match="2-D"):
+        svm.SVC().fit(x[:, 0], y)
+    with pytest.raises(ValueError, match="regression targets must be real"):
+        svm.SVR().fit(x, np.array(["a"] * N))
+
+
+def test_use_before_fit_and_wrong_width(binary):
+    x, y = binary
+    with pytest.raises(svm.NotFittedError, match="not fitted"):
+        svm.SVC().predict(x)
+    model = svm.SVC(kernel="linear", max_iter=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", svm.ConvergenceWarning)
+        model.fit(x, y)
+    with pytest.raises(ValueError, match="3 features, but the model was fitted with 8"):
+        model.predict(x[:, :3])
+
+
+def test_max_iter_warns(binary):
+    with pytest.warns(svm.ConvergenceWarning, match="max_iter=1"):
+        model = svm.SVC(kernel="linear", max_iter=1, working_set_size=8, C=100).fit(*binary)
+    assert model.fit_status_ == 1
