@@ -172,7 +172,7 @@ def upstream_header(name: str) -> bytes:
     )
 
 
-def _diagnose(data: bytes, expected: UpstreamFile) -> str:
+def _diagnose(data: bytes) -> str:
     if _gzip_payload_offset(data) is None:
         return "it is not a gzip file"
     d = zlib.decompressobj(wbits=31)
@@ -211,7 +211,7 @@ def verify_file(path: str | os.PathLike, expected: UpstreamFile) -> bytes:
             log.info("%s: restored the upstream gzip header (Debian's copy)", path)
             return restored
     raise DataError(
-        f"{path} is not the upstream {expected.name}: {_diagnose(data, expected)}. "
+        f"{path} is not the upstream {expected.name}: {_diagnose(data)}. "
         f"sha256 {hashlib.sha256(data).hexdigest()} ({len(data)} bytes), expected "
         f"{expected.sha256} ({expected.size} bytes, tfds's registered checksum; Debian's "
         "copy with its normalised gzip header is accepted too). Replace the file "
@@ -615,7 +615,7 @@ def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
         xmin = max(int(center - support + 0.5), 0)
         xmax = min(int(center + support + 0.5), n_in)
         x = np.arange(xmin, xmax)
-        w = np.maximum(0.0, 1.0 - np.abs((x - center + 0.5) / filterscale))
+        w = np.maximum(0.0, 1.0 - np.abs((x - center + 0.5) * (1.0 / filterscale)))
         if w.sum() != 0:
             w = w / w.sum()
         rows.append((x[w != 0], w[w != 0]))
@@ -633,9 +633,8 @@ def _resample(x, idx: np.ndarray, wts: np.ndarray, axis: int):
     shape[axis] = -1
     out = None
     for t in range(idx.shape[1]):
-        term = jnp.take(x, jnp.asarray(idx[:, t]), axis=axis) * jnp.asarray(wts[:, t]).reshape(
-            shape
-        )
+        weight = jnp.asarray(wts[:, t]).reshape(shape)
+        term = jnp.take(x, jnp.asarray(idx[:, t]), axis=axis) * weight
         out = term if out is None else out + term
     return out
 
@@ -667,6 +666,8 @@ def to_float(images, side: int, dtype=jnp.float32, method: str = "pil") -> jax.A
     """
     if method not in RESIZE_METHODS:
         raise ValueError(f"method must be one of {RESIZE_METHODS}, not {method!r}")
+    if images.dtype != jnp.uint8:
+        raise TypeError(f"to_float takes uint8 images, not {images.dtype}")
     b, h, w, c = images.shape
     lut = jnp.asarray(_SCALE_LUT)
     if (side, side) == (h, w):
