@@ -11,6 +11,7 @@ each batch is waited for (`block_until_ready`), so the figure is a lower bound.
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -94,8 +95,9 @@ def main():
         "device": device,
         "jax": jax.__version__,
         "machine": platform.machine(),
-        "cpus": __import__("os").cpu_count(),
+        "cpus": os.cpu_count(),
         "load_split_train_s": round(load_s, 3),
+        "load_average_1min": round(os.getloadavg()[0], 2),
     }
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
@@ -104,7 +106,8 @@ def main():
         f" jax {jax.__version__}:"
         " uint8 training set on the device → `epoch_order` → jitted `gather_batch` (gather,"
         " /255, bilinear resize), each batch waited for; median of"
-        f" {args.repeats} epochs, compilation excluded.",
+        f" {args.repeats} epochs, compilation excluded; load average during the run"
+        f" {meta['load_average_1min']} (the cores are shared).",
         "",
     ]
     if backend == "cpu":
