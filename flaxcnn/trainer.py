@@ -321,6 +321,14 @@ def fit(cfg: Config, log=print) -> dict:
     ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints")) if cfg.checkpoint else None
 
     start_epoch, start_batch, history, resumed_acc, train_seconds = 0, 0, [], None, 0.0
+    metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
+    if not cfg.resume and ckpt is not None and ckpt.latest_step() is not None:
+        raise UsageError(
+            f"{cfg.workdir} holds checkpoints of an earlier run: continue it with --resume, or "
+            "choose another --workdir"
+        )
+    if not cfg.resume and is_main and os.path.exists(metrics_path):
+        os.remove(metrics_path)
     if cfg.resume:
         if ckpt is None or ckpt.latest_step() is None:
             raise UsageError(f"--resume: no checkpoint in {cfg.workdir}/checkpoints")
@@ -333,6 +341,10 @@ def fit(cfg: Config, log=print) -> dict:
         start_epoch, start_batch = meta["epoch"], meta["next_batch"]
         history, resumed_acc = meta["history"], meta.get("acc")
         train_seconds = meta.get("train_seconds", 0.0)
+        if is_main:  # the checkpoint's history is the truth; drop lines written after it
+            with open(metrics_path, "w") as f:
+                for h in history:
+                    f.write(json.dumps({k: v for k, v in h.items() if k != "curve"}) + "\n")
         log(f"resumed from step {int(state.step)}: epoch {start_epoch + 1}, batch {start_batch}")
 
     run.compile(state)
@@ -343,7 +355,6 @@ def fit(cfg: Config, log=print) -> dict:
     log(f"{cfg.model}: {n_train} training examples, side {cfg.side}, batch {run.train_bs}, "
         f"lr {cfg.lr}, {cfg.epochs} epochs on {device}; compiled in {run.compile_seconds:.1f} s")
 
-    metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
     curve = []  # (epoch fraction, loss, train acc) points, as the book's Animator draws them
     for h in history:
         curve.extend(h.get("curve", []))
@@ -470,7 +481,8 @@ def fit(cfg: Config, log=print) -> dict:
 
 def _config_fingerprint(cfg: Config) -> dict:
     """What must not change across --resume for the result to be the same run."""
-    keys = ("model", "lr", "epochs", "batch_size", "side", "seed", "momentum", "weight_decay",
+    # The number of epochs may change: a finished run can be resumed to train longer.
+    keys = ("model", "lr", "batch_size", "side", "seed", "momentum", "weight_decay",
             "train_size", "test_size", "dtype")
     return {k: getattr(cfg, k) for k in keys}
 

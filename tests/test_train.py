@@ -1,0 +1,178 @@
+"""train.py and flaxcnn.trainer: every network learns, runs resume bit-identically, a diverging
+loss stops the run, and bad flags fail before anything compiles."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxcnn import data, models, recipes, trainer, training
+from flaxcnn.checkpoint import Checkpointer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The smallest side at which each network's architecture is intact and cheap on a CPU.
+SMALL_SIDE = {
+    "alexnet": 65, "vgg": 32, "vgg11": 32, "nin": 67, "googlenet": 32, "lenet_bn_scratch": 28,
+    "lenet_bn": 28, "resnet18": 32, "densenet": 32,
+}
+
+
+@pytest.fixture(scope="module")
+def small_batch():
+    images, labels = data.load_split("train")
+    return images[:32], labels[:32].astype(np.int32)
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_every_network_learns(name, small_batch):
+    """A few SGD steps at the book's learning rate on one real batch lower its loss (dropout
+    off, so that the loss of the same batch is comparable from step to step)."""
+    images, labels = small_batch
+    side = SMALL_SIDE[name]
+    fields = {"dropout_rate": 0.0} if name in ("alexnet", "vgg", "vgg11", "nin") else {}
+    model = models.create(name, **fields)
+    lr = recipes.get(name).lr
+    state = training.create_train_state(model, jax.random.key(0), side, training.sgd(lr))
+    x, y = data.to_float(jnp.asarray(images), side), jnp.asarray(labels)
+    step = jax.jit(training.train_step, donate_argnums=0)
+    losses = []
+    for _ in range(6):
+        state, m = step(state, x, y)
+        losses.append(float(m["loss"]) / int(m["count"]))
+    assert all(np.isfinite(losses))
+    assert losses[-1] < losses[0], losses
+
+
+def _run(args, **kw):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--no-progress", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
+
+
+RUN = ["--model", "lenet_bn", "--train-size", "12000", "--test-size", "1000", "--epochs", "3"]
+
+
+def _final_params(workdir):
+    cfg = trainer.Config(model="lenet_bn").resolved()
+    model = trainer.build_model(cfg)
+    template = training.create_train_state(model, jax.random.key(0), 28, training.sgd(1.0))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    state, meta = ckpt.restore(template)
+    ckpt.close()
+    return jax.device_get({"params": state.params, "bn": state.batch_stats}), meta
+
+
+def _wait_for_epoch(proc, workdir, epoch, timeout=300):
+    path = os.path.join(workdir, "metrics.jsonl")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if os.path.exists(path):
+            with open(path) as f:
+                if sum(1 for _ in f) >= epoch:
+                    return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise TimeoutError
+
+
+def test_killed_and_interrupted_runs_resume_bit_identically(tmp_path):
+    straight = tmp_path / "straight"
+    r = _run([*RUN, "--workdir", str(straight)])
+    assert r.returncode == 0, r.stderr
+    expected, meta = _final_params(straight)
+    assert meta["epoch"] == 3
+
+    # SIGKILL in the middle of epoch 2: the epoch-1 checkpoint survives; resume redoes epoch 2.
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--no-progress", *RUN,
+           "--workdir", str(killed)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_epoch(proc, killed, 1)
+    time.sleep(0.4)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.kill()
+    proc.communicate()
+    r = _run([*RUN, "--workdir", str(killed), "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert "resumed from step" in r.stdout
+
+    # SIGINT mid-epoch: a checkpoint of the exact batch is written; resume continues from it.
+    interrupted = tmp_path / "interrupted"
+    cmd[-1] = str(interrupted)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_epoch(proc, interrupted, 1)
+    time.sleep(0.4)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continue with --resume" in err
+    _, meta = _final_params(interrupted)
+    assert meta["epoch"] == 1 and 0 < meta["next_batch"], meta
+    r = _run([*RUN, "--workdir", str(interrupted), "--resume"])
+    assert r.returncode == 0, r.stderr
+
+    for workdir in (killed, interrupted):
+        got, meta = _final_params(workdir)
+        assert meta["epoch"] == 3
+        jax.tree_util.tree_map(np.testing.assert_array_equal, got, expected)
+        with open(workdir / "metrics.jsonl") as f:
+            assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3]
+    assert (straight / "curves.png").stat().st_size > 0
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    """A loss that turns NaN in epoch 2 stops the run naming the epoch and step; the epoch-1
+    checkpoint is still the latest and restores to finite parameters."""
+    real_step = trainer.train_step
+    poison_at = 5  # global step index; 4 steps per epoch below, so epoch 2's second batch
+
+    def poisoned(state, x, y):
+        new, m = real_step(state, x, y)
+        return new, {**m, "loss": jnp.where(state.step >= poison_at, jnp.nan, m["loss"])}
+
+    monkeypatch.setattr(trainer, "train_step", poisoned)
+    cfg = trainer.Config(model="lenet_bn", train_size=1024, test_size=256, epochs=3,
+                         workdir=str(tmp_path), progress=False)
+    with pytest.raises(trainer.NonFiniteLoss, match="epoch 2, step 6 "):
+        trainer.fit(cfg, log=lambda *a: None)
+    state, meta = _final_params(tmp_path)
+    assert meta["epoch"] == 1 and int(jax.device_get(state["params"]["Dense_0"]["bias"]).size)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(state))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "lenet"], "invalid choice"),
+    (["--lr", "0"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--model", "densenet", "--side", "20"], "needs at least 29"),
+    (["--model", "alexnet", "--side", "64"], "needs at least 65"),
+    (["--workdir", "/proc/flaxcnn"], "not writable"),
+])
+def test_usage_errors_before_compiling(args, message):
+    t0 = time.time()
+    r = _run(args)
+    assert r.returncode == 2, r
+    assert message in r.stderr
+    assert "compiled in" not in r.stdout
+    assert time.time() - t0 < 60
+
+
+def test_resume_needs_a_checkpoint_and_a_fresh_run_needs_an_empty_workdir(tmp_path):
+    r = _run(["--workdir", str(tmp_path), "--resume"])
+    assert r.returncode == 2 and "no checkpoint" in r.stderr
+    cfg = dict(model="lenet_bn", train_size=512, test_size=256, epochs=1,
+               workdir=str(tmp_path), progress=False)
+    report = trainer.fit(trainer.Config(**cfg), log=lambda *a: None)
+    assert 0.0 <= report["test_acc"] <= 1.0
+    with pytest.raises(trainer.UsageError, match="earlier run"):
+        trainer.fit(trainer.Config(**cfg), log=lambda *a: None)
+    with pytest.raises(trainer.UsageError, match="different configuration"):
+        trainer.fit(trainer.Config(**{**cfg, "lr": 0.5}, resume=True), log=lambda *a: None)
