@@ -69,6 +69,10 @@ from jax import lax
 KERNELS = ("linear", "poly", "rbf", "sigmoid")
 MULTICLASS = ("ovo", "ovr")
 _TAU = 1e-12  # libsvm's TAU: a non-positive curvature is replaced by it
+# an inner solve stops when its violation is below max(tol, _LOCAL_FACTOR * its initial one)
+_LOCAL_FACTOR = 0.1
+_TAIL = 16  # kernel rows are computed `chunk` at a time, the last few _TAIL at a time
+_GEMV = 64  # gradient updates read the changed kernel rows _GEMV at a time
 _BUCKET_STEPS = 8  # sizes are padded up to one of 8 steps per power of two (<= 12.5% padding)
 
 
@@ -162,7 +166,7 @@ def _inner_smo(kbb, alpha, f, y, c, valid, tol, max_inner):
         return i, fu[i], jnp.min(jnp.where(low, f, jnp.inf)), low
 
     _, m0, lo0, _ = viol(alpha, f)
-    local_tol = jnp.maximum(tol, 0.1 * (m0 - lo0))
+    local_tol = jnp.maximum(tol, _LOCAL_FACTOR * (m0 - lo0))
 
     def cond(s):
         it, _, _, done = s
@@ -197,91 +201,138 @@ def _inner_smo(kbb, alpha, f, y, c, valid, tol, max_inner):
     return alpha, it
 
 
-@partial(jax.jit, static_argnames=("kernel", "degree", "q", "max_inner", "rows", "chunk"))
+def _fetch(cache, slot_of, owner, stamp, it, ws, valid, x, sq, pidx, gamma, coef0, *, kernel,
+           degree, chunk):
+    """Make the kernel rows of the second half of the working set resident in the cache.
+
+    cache: [rows, n]; slot_of: [n] the cache slot of each point (-1: none); owner, stamp: [rows]
+    the point in each slot and when it was last used (unused when rows >= n: then the slot of
+    point i is i, and rows are never evicted). Missing rows are computed `chunk` at a time (the
+    last few `_TAIL` at a time), each chunk one [chunk, d] x [d, n] matrix product plus
+    elementwise work. Returns the cache state, the cache slot of each working-set entry and the
+    number of rows computed."""
+    rows, n = cache.shape
+    full = rows >= n
+    q = ws.shape[0]
+    h = q // 2
+    pts = pidx[ws]
+    new_pts, new_valid = pts[h:], valid[h:]
+    # a point may appear twice (epsilon-SVR): compute its row once
+    first = jnp.full(n, h, jnp.int32).at[jnp.where(new_valid, new_pts, n)].min(
+        jnp.arange(h, dtype=jnp.int32), mode="drop"
+    )
+    need = new_valid & (slot_of[new_pts] < 0) & (first[new_pts] == jnp.arange(h))
+    n_need = jnp.sum(need.astype(jnp.int32))
+    h_pad = -(-h // chunk) * chunk + _TAIL  # slices of either size stay inside
+    todo = jnp.argsort(~need, stable=True)  # the points to compute first
+    todo_pts = jnp.zeros(h_pad, jnp.int32).at[:h].set(new_pts[todo])
+    if full:
+        victims = todo_pts
+    else:
+        # keep every row the working set uses (stamp them now), evict the oldest others
+        cached = valid & (slot_of[pts] >= 0)
+        stamp = stamp.at[jnp.where(cached, slot_of[pts], rows)].set(it, mode="drop")
+        _, victims = lax.top_k(-stamp, h)
+        victims = jnp.full(h_pad, rows, jnp.int32).at[:h].set(victims.astype(jnp.int32))
+
+    def compute(start, size, cache, slot_of, owner):
+        active = start + jnp.arange(size) < n_need
+        p_b = lax.dynamic_slice(todo_pts, (start,), (size,))
+        v_b = lax.dynamic_slice(victims, (start,), (size,))
+        v_w = jnp.where(active, v_b, rows)
+        block = _kernel_block(x[p_b], x, sq[p_b], sq, gamma, coef0, kernel=kernel, degree=degree)
+        cache = cache.at[v_w].set(block, mode="drop")
+        if not full:
+            old = owner.at[v_w].get(mode="fill", fill_value=-1)
+            slot_of = slot_of.at[jnp.where(old >= 0, old, n)].set(-1, mode="drop")
+            owner = owner.at[v_w].set(p_b, mode="drop")
+        slot_of = slot_of.at[jnp.where(active, p_b, n)].set(v_b, mode="drop")
+        return cache, slot_of, owner
+
+    def loop(size, start, stop, carry):
+        def body(s):
+            b, *carry = s
+            return (b + size, *compute(b, size, *carry))
+
+        return lax.while_loop(lambda s: s[0] < stop, body, (start, *carry))
+
+    if _TAIL < chunk:  # whole chunks, then the rest in small ones
+        b, *carry = loop(chunk, jnp.int32(0), n_need // chunk * chunk, (cache, slot_of, owner))
+        _, *carry = loop(_TAIL, b, n_need, carry)
+    else:
+        _, *carry = loop(chunk, jnp.int32(0), n_need, (cache, slot_of, owner))
+    cache, slot_of, owner = carry
+    slots = jnp.where(valid, slot_of[pts], 0)
+    if not full:
+        stamp = stamp.at[jnp.where(valid, slots, rows)].set(it, mode="drop")
+    return cache, slot_of, owner, stamp, slots, n_need
+
+
+def _update(alpha, f, ws, valid, slots, cache, pidx, y, c, tol, max_inner):
+    """Solve the sub-problem on the working set ws (its kernel rows: cache[slots]) and
+    propagate the change to the gradients of all variables."""
+    m = alpha.shape[0]
+    q = ws.shape[0]
+    pts = pidx[ws]
+    kbb = jnp.where(valid[:, None] & valid[None, :], cache[slots[:, None], pts[None, :]], 0.0)
+    a_old = alpha[ws]
+    a_new, n_in = _inner_smo(kbb, a_old, f[ws], y[ws], c[ws], valid, tol, max_inner)
+    delta = jnp.where(valid, a_new - a_old, 0.0)
+    alpha = alpha.at[jnp.where(valid, ws, m)].set(a_new, mode="drop")
+    # v = sum_s y_s da_s K(., x_s) over the changed entries, _GEMV rows at a time
+    changed = delta != 0
+    n_changed = jnp.sum(changed.astype(jnp.int32))
+    order = jnp.argsort(~changed, stable=True)
+    q_pad = -(-q // _GEMV) * _GEMV
+    coef = jnp.zeros(q_pad, jnp.float32).at[:q].set((y[ws] * delta)[order])
+    slot_o = jnp.zeros(q_pad, jnp.int32).at[:q].set(slots[order])
+
+    def body(s):
+        b, v = s
+        cb = lax.dynamic_slice(coef, (b,), (_GEMV,))
+        kr = cache[lax.dynamic_slice(slot_o, (b,), (_GEMV,))]
+        kr = jnp.where((cb != 0)[:, None], kr, 0.0)
+        return b + _GEMV, v + jnp.dot(cb, kr, precision=lax.Precision.HIGHEST)
+
+    _, v = lax.while_loop(
+        lambda s: s[0] < n_changed, body, (jnp.int32(0), jnp.zeros(cache.shape[1], jnp.float32))
+    )
+    return alpha, f - v[pidx], n_in
+
+
+def _new_working_set(f, alpha, y, c, ws, valid):
+    """Keep the newer half of ws, add the q/2 most violating variables not in ws."""
+    q = ws.shape[0]
+    h = q // 2
+    exclude = jnp.zeros(alpha.shape[0], bool).at[ws].max(valid)  # as ThunderSVM
+    new, new_valid = _select(f, alpha, y, c, exclude, h)
+    return jnp.concatenate([ws[h:], new]), jnp.concatenate([valid[h:], new_valid])
+
+
+@partial(
+    jax.jit, static_argnames=("kernel", "degree", "q", "max_inner", "chunk"), donate_argnums=(0,)
+)
 def _solve(
-    x, sq, pidx, y, p, c, gamma, coef0, tol, max_outer, *, kernel, degree, q, max_inner, rows,
+    cache, x, sq, pidx, y, p, c, gamma, coef0, tol, max_outer, *, kernel, degree, q, max_inner,
     chunk,
 ):
     """Solve one dual problem. x: [n, d] points; pidx: [m] the point of each variable;
     y, p, c: [m] sign, linear term and upper bound (c = 0 marks padding).
 
-    Kernel rows live in a cache of `rows` slots (least recently used out); rows missing from it
-    are computed `chunk` at a time, each chunk one [chunk, d] x [d, n] matrix product.
-    Returns (alpha, f = -y G, outer iterations, inner iterations, final violation,
+    cache: [rows, n] float32 buffer for kernel rows (see `_fetch`), donated and returned so that
+    the next problem of the same shape reuses it; its contents are never read before written.
+    Returns (cache, alpha, f = -y G, outer iterations, inner iterations, final violation,
     kernel rows computed)."""
     m = y.shape[0]
     n = x.shape[0]
-    h = q // 2
-    kern = partial(_kernel_block, kernel=kernel, degree=degree)
-
-    def fetch(cache, slot_of, owner, stamp, it, ws, valid, k):
-        """Make the rows of the last k entries of ws resident; returns the cache state and the
-        [q, n] block of ws's rows."""
-        pts = pidx[ws]
-        # keep every row the working set uses: stamp them now, evict the oldest others
-        cached = valid & (slot_of[pts] >= 0)
-        stamp = stamp.at[jnp.where(cached, slot_of[pts], rows)].set(it, mode="drop")
-        new_pts, new_valid = pts[q - k :], valid[q - k :]
-        first = jnp.full(n, k, jnp.int32).at[jnp.where(new_valid, new_pts, n)].min(
-            jnp.arange(k, dtype=jnp.int32), mode="drop"
-        )
-        need = new_valid & (slot_of[new_pts] < 0) & (first[new_pts] == jnp.arange(k))
-        n_need = jnp.sum(need.astype(jnp.int32))
-        k_pad = -(-k // chunk) * chunk
-        todo = jnp.argsort(~need, stable=True)  # the points to compute first
-        todo_pts = jnp.zeros(k_pad, jnp.int32).at[: k].set(new_pts[todo])
-        _, victims = lax.top_k(-stamp, k)
-        victims = jnp.full(k_pad, rows, jnp.int32).at[:k].set(victims.astype(jnp.int32))
-
-        def cond(s):
-            return s[0] * chunk < n_need
-
-        def body(s):
-            b, cache, slot_of, owner = s
-            at = b * chunk + jnp.arange(chunk)
-            active = at < n_need
-            p_b = lax.dynamic_slice(todo_pts, (b * chunk,), (chunk,))
-            v_b = lax.dynamic_slice(victims, (b * chunk,), (chunk,))
-            v_w = jnp.where(active, v_b, rows)
-            block = kern(x[p_b], x, sq[p_b], sq, gamma, coef0)
-            cache = cache.at[v_w].set(block, mode="drop")
-            old = owner.at[v_w].get(mode="fill", fill_value=-1)
-            slot_of = slot_of.at[jnp.where(old >= 0, old, n)].set(-1, mode="drop")
-            slot_of = slot_of.at[jnp.where(active, p_b, n)].set(v_b, mode="drop")
-            owner = owner.at[v_w].set(p_b, mode="drop")
-            return b + 1, cache, slot_of, owner
-
-        b, cache, slot_of, owner = lax.while_loop(
-            cond, body, (jnp.int32(0), cache, slot_of, owner)
-        )
-        slots = jnp.where(valid, slot_of[pts], 0)
-        stamp = stamp.at[jnp.where(valid, slots, rows)].set(it, mode="drop")
-        return cache, slot_of, owner, stamp, cache[slots], n_need
-
-    def update(alpha, f, ws, valid, kb):
-        """Solve the sub-problem on ws and propagate it to all gradients."""
-        kbb = kb[:, pidx[ws]]
-        a_old = alpha[ws]
-        a_new, n_in = _inner_smo(kbb, a_old, f[ws], y[ws], c[ws], valid, tol, max_inner)
-        delta = jnp.where(valid, a_new - a_old, 0.0)
-        alpha = alpha.at[jnp.where(valid, ws, m)].set(a_new, mode="drop")
-        v = jnp.dot(y[ws] * delta, kb, precision=lax.Precision.HIGHEST)  # sum_s y_s da_s K(., x_s)
-        f = f - v[pidx]
-        return alpha, f, n_in
-
-    cache = jnp.zeros((rows, n), jnp.float32)
-    slot_of = jnp.full(n, -1, jnp.int32)
-    owner = jnp.full(rows, -1, jnp.int32)
-    stamp = jnp.full(rows, -1, jnp.int32)
-    alpha = jnp.zeros(m, jnp.float32)
-    f = -y * p
-    none = jnp.zeros(m, bool)
-    # the working set starts empty (all slots invalid); each outer step fills half of it
-    ws = jnp.zeros(q, jnp.int32)
-    valid = jnp.zeros(q, bool)
+    rows = cache.shape[0]
+    small = 1 if rows >= n else rows
     state = (
-        jnp.int32(0), jnp.int32(0), jnp.int32(0), alpha, f, ws, valid, cache, slot_of, owner,
-        stamp, jnp.float32(jnp.inf),
+        jnp.int32(0), jnp.int32(0), jnp.int32(0),
+        jnp.zeros(m, jnp.float32), -y * p,  # alpha = 0, f = -y G = -y p
+        jnp.zeros(q, jnp.int32), jnp.zeros(q, bool),  # the working set starts empty
+        cache, jnp.full(n, -1, jnp.int32), jnp.full(small, -1, jnp.int32),
+        jnp.full(small, -1, jnp.int32), jnp.float32(jnp.inf),
     )
 
     def cond(s):
@@ -290,21 +341,19 @@ def _solve(
 
     def body(s):
         it, n_inner, n_rows, alpha, f, ws, valid, cache, slot_of, owner, stamp, _ = s
-        exclude = none.at[ws].max(valid)  # ThunderSVM: new variables come from outside ws
-        new, new_valid = _select(f, alpha, y, c, exclude, h)
-        ws = jnp.concatenate([ws[h:], new])
-        valid = jnp.concatenate([valid[h:], new_valid])
-        cache, slot_of, owner, stamp, kb, n_new = fetch(
-            cache, slot_of, owner, stamp, it, ws, valid, h
+        ws, valid = _new_working_set(f, alpha, y, c, ws, valid)
+        cache, slot_of, owner, stamp, slots, n_new = _fetch(
+            cache, slot_of, owner, stamp, it, ws, valid, x, sq, pidx, gamma, coef0,
+            kernel=kernel, degree=degree, chunk=chunk,
         )
-        alpha, f, n_in = update(alpha, f, ws, valid, kb)
+        alpha, f, n_in = _update(alpha, f, ws, valid, slots, cache, pidx, y, c, tol, max_inner)
         return (
             it + 1, n_inner + n_in, n_rows + n_new, alpha, f, ws, valid, cache, slot_of, owner,
             stamp, _violation(f, alpha, y, c),
         )
 
-    it, n_inner, n_rows, alpha, f, *_, gap = lax.while_loop(cond, body, state)
-    return alpha, f, it, n_inner, gap, n_rows
+    it, n_inner, n_rows, alpha, f, _, _, cache, *_, gap = lax.while_loop(cond, body, state)
+    return cache, alpha, f, it, n_inner, gap, n_rows
 
 
 def _bucket(n: int, minimum: int = 64) -> int:
@@ -328,10 +377,12 @@ class _Problem:
     @staticmethod
     def solve(
         x, y, p, c, pidx, *, kernel, gamma, coef0, degree, tol, max_iter, q, max_inner,
-        cache_size, chunk,
+        cache_size, chunk, workspace=None,
     ):
         """x: [n, d] float32 points; y, p, c: [m] float64; pidx: [m] int point per variable.
 
+        workspace: a dict holding the kernel-row buffer between calls (reused when the next
+        problem has the same shape), or None.
         Returns a dict with alpha (float64 [m]), grad, rho, obj, iterations, violation."""
         n, d = x.shape
         m = y.shape[0]
@@ -350,16 +401,22 @@ class _Problem:
         chunk = max(1, min(int(chunk), qq // 2))
         # the cache: all rows if they fit in cache_size MB, else as many as fit (>= 1.5 q)
         rows = min(n_pad, max(int(cache_size * 2**20) // (4 * n_pad), 1))
-        rows = max(rows, qq + qq // 2)
+        if rows < n_pad:
+            rows = max(rows, qq + qq // 2)
         xj = jnp.asarray(xp)
         sq = jnp.sum(xj * xj, axis=1)
-        alpha, f, it, n_inner, gap, n_rows = _solve(
-            xj, sq, jnp.asarray(pid), jnp.asarray(yp), jnp.asarray(pp), jnp.asarray(cp),
+        cache = workspace.pop((rows, n_pad), None) if workspace is not None else None
+        if cache is None:
+            cache = jnp.zeros((rows, n_pad), jnp.float32)
+        cache, alpha, f, it, n_inner, gap, n_rows = _solve(
+            cache, xj, sq, jnp.asarray(pid), jnp.asarray(yp), jnp.asarray(pp), jnp.asarray(cp),
             jnp.float32(gamma), jnp.float32(coef0), jnp.float32(tol),
             jnp.int32(max_iter if max_iter > 0 else np.iinfo(np.int32).max),
-            kernel=kernel, degree=int(degree), q=qq, max_inner=int(max_inner), rows=rows,
-            chunk=chunk,
+            kernel=kernel, degree=int(degree), q=qq, max_inner=int(max_inner), chunk=chunk,
         )
+        if workspace is not None:
+            workspace.clear()  # keep one buffer at most
+            workspace[(rows, n_pad)] = cache
         alpha = np.asarray(alpha, np.float64)[:m]
         f = np.asarray(f, np.float64)[:m]
         grad = -y * f
@@ -577,9 +634,9 @@ class _BaseSVM:
                 f"this {type(self).__name__} is not fitted yet; call fit(X, y) first"
             )
 
-    def _solve(self, x32, y, p, c, pidx, opts, what):
+    def _solve(self, x32, y, p, c, pidx, opts, what, workspace=None):
         t = time.perf_counter()
-        res = _Problem.solve(x32, y, p, c, pidx, **opts)
+        res = _Problem.solve(x32, y, p, c, pidx, workspace=workspace, **opts)
         if not res["converged"]:
             warnings.warn(
                 f"{what}: the solver stopped after max_iter={opts['max_iter']} outer iterations"
@@ -688,14 +745,16 @@ class SVC(_BaseSVM):
                 idx = np.arange(len(yi))
                 problems.append((idx, np.where(yi == a, 1.0, -1.0)))
         results = []
+        workspace = {}  # the kernel-row buffer, shared by problems of the same size
         for n, (idx, yb) in enumerate(problems):
             what = _problem_name(classes, k, n, ovo)
             m = len(idx)
             res = self._solve(
-                x32[idx], yb, -np.ones(m), np.full(m, c), np.arange(m), opts, what
+                x32[idx], yb, -np.ones(m), np.full(m, c), np.arange(m), opts, what, workspace
             )
             res["idx"], res["y"] = idx, yb
             results.append(res)
+        del workspace
         self.fit_time_ = time.perf_counter() - t0
 
         # support vectors: samples with a nonzero coefficient in any problem, grouped by class
