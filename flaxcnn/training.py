@@ -119,3 +119,18 @@ def zero_metrics():
 
 def add_metrics(a, b):
     return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def batch_statistics(state: TrainState, x, momentum: float = 0.9):
+    """Every BatchNorm layer's statistics on batch `x` with the current weights.
+
+    Running a training-mode forward from all-zero running statistics leaves `(1 - momentum)`
+    times the batch statistics in each layer (momentum 0.9 for every BatchNorm here). Averaged
+    over a few batches this is "precise BN" (Wu & Johnson, 2021): population statistics for the
+    final weights, rather than a moving average over weights that kept changing.
+    """
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.batch_stats)
+    _, updates = state.apply_fn(
+        {"params": state.params, "batch_stats": zeros}, x, train=True, mutable=["batch_stats"]
+    )
+    return jax.tree_util.tree_map(lambda v: v / (1.0 - momentum), updates["batch_stats"])
