@@ -1,0 +1,618 @@
+"""JAX (flaxcnn) against PyTorch, network by network, in one run: fair, reproducible, honest.
+
+For every network at the book's input side, on one identical batch, with identical initial
+weights (PyTorch's, ported with `flaxcnn.porting`) and the same number of threads:
+
+- training throughput (examples/s) of flaxcnn's jitted `training.train_step` (donated state) and
+  of the book's PyTorch network in eager mode (NCHW), with channels_last, and with
+  `torch.compile` (channels_last input) where it works;
+- inference throughput in eval mode for the same four;
+- all timed interleaved (A, B, C, D, B, C, D, A, ...) after warm-up; medians with min-max;
+- compile time (XLA's lower+compile; torch.compile's first call minus a steady call);
+- peak memory of a training run of each, each in its own child process;
+- FLOPs per example from XLA's cost analysis, and the achieved GFLOP/s as a fraction of this
+  machine's f32 GEMM peak, measured (jnp.dot and torch.mm, the best of both) in the same run.
+
+Writes benchmarks/results/<device kind>.{json,md,png}.
+
+    python benchmarks/bench_vs_torch.py                         # all seven networks, CPU
+    python benchmarks/bench_vs_torch.py --networks resnet18 --batch 16 --rounds 3
+    python benchmarks/bench_vs_torch.py --device gpu            # on a CUDA machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+
+NETWORKS = ["alexnet", "vgg", "nin", "googlenet", "lenet_bn", "resnet18", "densenet"]
+TORCH_MODES = ["eager", "channels_last", "compile"]
+MODE_LABEL = {"jax": "JAX (flaxcnn)", "eager": "torch eager", "channels_last": "torch CL",
+              "compile": "torch.compile"}
+# Batch per network on a CPU (the book's batches take minutes per step at 224 on 2 cores);
+# on a GPU the book's own batch sizes are used.
+CPU_BATCH = {"lenet_bn": 256, "lenet_bn_scratch": 256}
+CPU_BATCH_DEFAULT = 32
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ----------------------------------------------------------------------------- the batch
+
+def make_batch(batch: int, side: int, seed: int = 0):
+    """The first `batch` Fashion-MNIST training images at `side` (the book's resize) and their
+    labels, as NHWC float32 numpy; random images in [0, 1) if the data set is not available."""
+    import numpy as np
+
+    try:
+        from flaxcnn import data
+
+        images, labels = data.load_split("train")
+        x = np.asarray(data.to_float(images[:batch], side))
+        return x, labels[:batch].astype(np.int32), "fashion-mnist train[:batch]"
+    except Exception as e:  # noqa: BLE001 - the benchmark must run without the data set
+        rng = np.random.default_rng(seed)
+        x = rng.random((batch, side, side, 1), np.float32)
+        y = rng.integers(0, 10, batch).astype(np.int32)
+        return x, y, f"uniform random (data set unavailable: {type(e).__name__})"
+
+
+# ----------------------------------------------------------------------------- JAX side
+
+class JaxSide:
+    def __init__(self, name, side, torch_net, x, y, device):
+        import jax
+        import jax.numpy as jnp
+
+        from flaxcnn import models, porting, recipes, training
+
+        self.jax = jax
+        model = models.create(name)
+        state = training.create_train_state(model, jax.random.key(0), side,
+                                            training.sgd(recipes.get(name).lr))
+        variables = porting.torch_to_flax(torch_net, model, (1, side, side, 1))
+        state = state.replace(params=variables["params"],
+                              batch_stats=variables.get("batch_stats", state.batch_stats))
+        dev = jax.devices()[0] if device == "cpu" else jax.devices("gpu")[0]
+        self.x = jax.device_put(jnp.asarray(x), dev)
+        self.y = jax.device_put(jnp.asarray(y), dev)
+        self.state = jax.device_put(state, dev)
+        # Its own copy: the train step donates (deletes) the state's buffers.
+        self.eval_vars = jax.tree.map(lambda a: jnp.array(a, copy=True), jax.device_put(
+            {k: v for k, v in variables.items() if k in ("params", "batch_stats")}, dev))
+
+        t = time.perf_counter()
+        self.train = jax.jit(training.train_step, donate_argnums=0).lower(
+            self.state, self.x, self.y).compile()
+        self.train_compile_s = time.perf_counter() - t
+        t = time.perf_counter()
+        self.infer = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
+            self.eval_vars, self.x).compile()
+        self.infer_compile_s = time.perf_counter() - t
+        self.train_flops = harness.xla_flops(self.train)
+        self.infer_flops = harness.xla_flops(self.infer)
+        self.train_memory_plan = harness.xla_memory(self.train)
+        self.infer_memory_plan = harness.xla_memory(self.infer)
+
+    def logits(self):
+        return self.infer(self.eval_vars, self.x)
+
+    def train_steps(self, n):
+        t = time.perf_counter()
+        s = self.state
+        for _ in range(n):
+            s, m = self.train(s, self.x, self.y)
+        self.jax.block_until_ready((s, m))
+        self.state = s
+        self.last_loss = float(m["loss"]) / self.x.shape[0]
+        return (time.perf_counter() - t) / n
+
+    def infer_steps(self, n):
+        t = time.perf_counter()
+        for _ in range(n):
+            out = self.infer(self.eval_vars, self.x)
+        out.block_until_ready()
+        return (time.perf_counter() - t) / n
+
+
+# ----------------------------------------------------------------------------- PyTorch side
+
+class TorchSide:
+    """One PyTorch mode: its own copy of the network (same initial weights) and optimizer."""
+
+    def __init__(self, mode, name, net, x, y, device):
+        import torch
+        import torch.nn.functional as F
+
+        from flaxcnn import recipes
+
+        self.torch, self.F, self.mode = torch, F, mode
+        self.dev = torch.device("cuda" if device == "gpu" else "cpu")
+        net = copy.deepcopy(net).to(self.dev)
+        xt = torch.tensor(x).permute(0, 3, 1, 2).contiguous().to(self.dev)
+        if mode in ("channels_last", "compile"):
+            net = net.to(memory_format=torch.channels_last)
+            xt = xt.contiguous(memory_format=torch.channels_last)
+        self.net = net
+        self.x, self.y = xt, torch.tensor(y, dtype=torch.long, device=self.dev)
+        self.opt = torch.optim.SGD(net.parameters(), lr=recipes.get(name).lr)
+        self.fn = torch.compile(net) if mode == "compile" else net
+        self.train_compile_s = self.infer_compile_s = None
+        self.error = None
+
+    def _sync(self):
+        if self.dev.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def _train_step(self):
+        self.opt.zero_grad(set_to_none=True)
+        out = self.fn(self.x)
+        loss = self.F.cross_entropy(out, self.y)
+        loss.backward()
+        self.opt.step()
+        return loss.detach(), (out.detach().argmax(1) == self.y).sum()
+
+    def warm_up(self):
+        """First calls (compilation for torch.compile), timed, then a steady call of each."""
+        self.net.train()
+        t = time.perf_counter()
+        self._train_step()
+        self._sync()
+        first = time.perf_counter() - t
+        steady = self.train_steps(1)
+        if self.mode == "compile":
+            self.train_compile_s = max(first - steady, 0.0)
+        self.net.eval()
+        t = time.perf_counter()
+        with self.torch.inference_mode():
+            self.fn(self.x)
+        self._sync()
+        first = time.perf_counter() - t
+        steady = self.infer_steps(1)
+        if self.mode == "compile":
+            self.infer_compile_s = max(first - steady, 0.0)
+
+    def train_steps(self, n):
+        self.net.train()
+        t = time.perf_counter()
+        for _ in range(n):
+            loss, _ = self._train_step()
+        self._sync()
+        self.last_loss = float(loss)
+        return (time.perf_counter() - t) / n
+
+    def infer_steps(self, n):
+        self.net.eval()
+        t = time.perf_counter()
+        with self.torch.inference_mode():
+            for _ in range(n):
+                self.fn(self.x)
+        self._sync()
+        return (time.perf_counter() - t) / n
+
+
+
+# ----------------------------------------------------------------------------- memory (child)
+
+def memory_child(name, mode, batch, side, device, threads):
+    """Peak resident memory of a training run of `mode`, in this (fresh) process: the kernel's
+    peak-RSS counter is reset after warm-up (compilation) and read after a few steps; the RSS
+    before the network was built is subtracted. On a GPU: the device allocator's peak."""
+    harness.set_threads(threads)
+    import numpy as np
+
+    import flaxcnn  # noqa: F401
+
+    if device == "cpu":
+        harness.set_torch_threads(threads)
+    rng = np.random.default_rng(0)
+    x = rng.random((batch, side, side, 1), np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    import jax  # noqa: F401
+    import torch
+
+    from flaxcnn import torch_ref
+
+    if device == "cpu":
+        jax.numpy.zeros(1).block_until_ready()  # the backend's own memory is not the network's
+    base = harness.rss_mib()
+    torch.manual_seed(0)
+    net = torch_ref.create(name)
+    side_obj = JaxSide(name, side, net, x, y, device) if mode == "jax" else \
+        TorchSide(mode, name, net, x, y, device)
+    del net
+    if mode != "jax":
+        side_obj.warm_up()
+    side_obj.train_steps(2)
+    if device == "gpu":
+        if mode == "jax":
+            stats = jax.devices("gpu")[0].memory_stats() or {}
+            return {"peak_mib": stats.get("peak_bytes_in_use", float("nan")) / 2**20}
+        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20}
+    harness.trim_heap()
+    ok = harness.reset_hwm()
+    side_obj.train_steps(3)
+    # Without the reset (old kernels) the peak includes compilation.
+    return {"peak_mib": harness.hwm_mib() - base, "hwm_reset": ok}
+
+
+# ----------------------------------------------------------------------------- one network
+
+def bench_network(name, args, device):
+    import numpy as np
+    import torch
+
+    from flaxcnn import recipes, torch_ref
+
+    side = args.side or recipes.get(name).side
+    batch = args.batch or (recipes.get(name).batch_size if device == "gpu"
+                           else CPU_BATCH.get(name, CPU_BATCH_DEFAULT))
+    log(f"\n== {name} @{side}, batch {batch}, load {harness.load_average()}")
+    x, y, data_src = make_batch(batch, side)
+    torch.manual_seed(0)
+    net = torch_ref.create(name)
+    res = {"network": name, "side": side, "batch": batch, "data": data_src}
+
+    jx = JaxSide(name, side, net, x, y, device)
+    log(f"  JAX compile: train {jx.train_compile_s:.1f} s, inference {jx.infer_compile_s:.1f} s")
+    # Same weights, same batch: eval-mode logits must agree before anything is trained.
+    net.eval()
+    with torch.no_grad():
+        ref = net(torch.tensor(x).permute(0, 3, 1, 2)).numpy()
+    diff = float(np.max(np.abs(np.asarray(jx.logits()) - ref)))
+    res["port_check_max_abs_logit_diff"] = diff
+    log(f"  ported weights: max |logit diff| JAX vs torch, eval mode = {diff:.2e}")
+    sides = {"jax": jx}
+    errors = {}
+    for mode in args.torch_modes:
+        try:
+            s = TorchSide(mode, name, net, x, y, device)
+            s.warm_up()
+            sides[mode] = s
+            if s.train_compile_s is not None:
+                log(f"  torch.compile: train {s.train_compile_s:.1f} s, "
+                    f"inference {s.infer_compile_s:.1f} s")
+        except Exception as e:  # noqa: BLE001 - torch.compile may not work on every machine
+            errors[mode] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            log(f"  torch {mode} failed: {errors[mode]}")
+
+    # Steps per timed sample: about `--sample-s` seconds of the JAX step (the same for all).
+    jx.train_steps(1)
+    t_step = min(jx.train_steps(1), jx.train_steps(1))
+    iters = args.iters or max(1, min(100, math.ceil(args.sample_s / t_step)))
+    t_inf = min(jx.infer_steps(1), jx.infer_steps(1))
+    iters_inf = args.iters or max(1, min(300, math.ceil(args.sample_s / t_inf)))
+    res["iters_per_sample"] = {"train": iters, "inference": iters_inf}
+
+    res["load_before"] = harness.load_average()
+    train = harness.interleave({m: (lambda s=s: s.train_steps(iters)) for m, s in sides.items()},
+                               args.rounds, warmup=1, log=log if args.verbose else None)
+    infer = harness.interleave({m: (lambda s=s: s.infer_steps(iters_inf))
+                                for m, s in sides.items()},
+                               args.rounds, warmup=1, log=log if args.verbose else None)
+    res["load_after"] = harness.load_average()
+    res["train"] = {m: harness.summarize(v, batch) for m, v in train.items()}
+    res["inference"] = {m: harness.summarize(v, batch) for m, v in infer.items()}
+    res["final_loss"] = {m: s.last_loss for m, s in sides.items() if hasattr(s, "last_loss")}
+    res["errors"] = errors
+    res["compile_s"] = {
+        "jax_train": jx.train_compile_s, "jax_inference": jx.infer_compile_s,
+        **({"torch_compile_train": sides["compile"].train_compile_s,
+            "torch_compile_inference": sides["compile"].infer_compile_s}
+           if "compile" in sides else {}),
+    }
+    res["flops_per_example"] = {"train": (jx.train_flops or 0) / batch,
+                                "inference": (jx.infer_flops or 0) / batch}
+    res["xla_memory_plan_mib"] = {
+        k: {kk: round(vv / 2**20, 1) for kk, vv in v.items()}
+        for k, v in (("train", jx.train_memory_plan), ("inference", jx.infer_memory_plan))}
+    for kind in ("train", "inference"):
+        line = ", ".join(f"{m} {r['median']:.1f}" for m, r in res[kind].items())
+        log(f"  {kind} ex/s: {line}")
+    del sides, jx
+
+    if args.memory:
+        res["peak_memory_mib"] = {}
+        for mode in ["jax", *[m for m in args.torch_modes if m not in errors]]:
+            out = harness.run_child(
+                [str(Path(__file__).resolve()), "--memory-child", name, mode, str(batch),
+                 str(side), "--device", device, "--threads", str(args.threads_used)],
+                timeout=args.child_timeout)
+            res["peak_memory_mib"][mode] = out.get("peak_mib")
+            if "error" in out:
+                res.setdefault("memory_errors", {})[mode] = out["error"]
+        log("  peak memory MiB: " + ", ".join(
+            f"{m} {v:.0f}" if v is not None else f"{m} ?"
+            for m, v in res["peak_memory_mib"].items()))
+    return res
+
+
+# ----------------------------------------------------------------------------- report
+
+def fmt_rate(r):
+    if r is None:
+        return "n/a"
+    return f"{r['median']:.1f} ({r['min']:.1f}-{r['max']:.1f})"
+
+
+def derived(res, peak_gflops):
+    """JAX / best PyTorch mode and GFLOP/s figures of one network's result."""
+    out = {}
+    for kind in ("train", "inference"):
+        rates = res[kind]
+        torch_best = max((m for m in rates if m != "jax"), key=lambda m: rates[m]["median"],
+                         default=None)
+        fpe = res["flops_per_example"][kind]
+        gf = fpe * rates["jax"]["median"] / 1e9
+        out[kind] = {
+            "torch_best_mode": torch_best,
+            "jax_over_torch_best": rates["jax"]["median"] / rates[torch_best]["median"]
+            if torch_best else None,
+            "jax_gflops": gf,
+            "jax_fraction_of_gemm_peak": gf / peak_gflops if peak_gflops else None,
+            "torch_best_gflops": fpe * rates[torch_best]["median"] / 1e9 if torch_best else None,
+        }
+    return out
+
+
+def markdown(report) -> str:
+    m = report["machine"]
+    peak = report["gemm_peak_gflops"]
+    lines = [
+        f"# JAX (flaxcnn) vs PyTorch: {report['device_kind']}",
+        "",
+        f"Machine: {m['cpu']} ({m['cpus_used']} of {m['logical_cpus']} logical CPUs used, "
+        f"{', '.join(m['isa'])}; {m.get('hypervisor') or 'bare metal'} guest), "
+        f"{m['memory_gib']} GiB RAM; {m['os']}."
+        if report["device"] == "cpu" else f"Machine: {report['device_kind']}.",
+        f"Versions: Python {m['python']}, jax {m['jax']}, jaxlib {m['jaxlib']}, "
+        f"flax {m['flax']}, optax {m['optax']}, torch {m.get('torch')}. "
+        f"Threads: {m['cpus_used']} for both (torch.set_num_threads, CPU affinity for XLA).",
+        f"XLA_FLAGS: `{m['XLA_FLAGS'] or '(none)'}`. Commit {m['git_commit']}"
+        + (f" (+{m['git_dirty_files']} modified files)" if m["git_dirty_files"] else "") + ".",
+        f"Date: {report['date']}. Command: `{report['command']}`",
+        f"Load average (1/5/15 min) at start {report['load_start']}, at end {report['load_end']}.",
+        "",
+        f"f32 GEMM peak measured in this run: **{peak:.0f} GFLOP/s** (best of jnp.dot "
+        f"{report['gemm']['jax_best']:.0f} and torch.mm {report['gemm']['torch_best']:.0f}, "
+        "n = 1024-3072, at start and end).",
+        "",
+        "## Training (examples/s, median (min-max) of interleaved samples)",
+        "",
+        "| network | side | batch | JAX (flaxcnn) | torch eager | torch channels_last "
+        "| torch.compile | JAX / best torch | GFLOP/example | JAX GFLOP/s | % GEMM peak "
+        "| compile s (JAX / torch.compile) | peak MiB (JAX / eager / CL / compile) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def mem(r):
+        pm = r.get("peak_memory_mib") or {}
+        return " / ".join(f"{pm[k]:.0f}" if pm.get(k) is not None else "-"
+                          for k in ("jax", "eager", "channels_last", "compile"))
+
+    for r in report["results"]:
+        d = r["derived"]["train"]
+        c = r["compile_s"]
+        tc = c.get("torch_compile_train")
+        lines.append(
+            f"| {r['network']} | {r['side']} | {r['batch']} | **{fmt_rate(r['train']['jax'])}** "
+            f"| {fmt_rate(r['train'].get('eager'))} | {fmt_rate(r['train'].get('channels_last'))}"
+            f" | {fmt_rate(r['train'].get('compile'))} | **{d['jax_over_torch_best']:.2f}×** "
+            f"| {r['flops_per_example']['train'] / 1e9:.3f} | {d['jax_gflops']:.1f} "
+            f"| {100 * d['jax_fraction_of_gemm_peak']:.0f}% | {c['jax_train']:.1f} / "
+            f"{f'{tc:.1f}' if tc is not None else 'n/a'} | {mem(r)} |")
+    lines += [
+        "",
+        "## Inference, eval mode (examples/s)",
+        "",
+        "| network | batch | JAX (flaxcnn) | torch eager | torch channels_last | torch.compile "
+        "| JAX / best torch | GFLOP/example | JAX GFLOP/s | % GEMM peak "
+        "| compile s (JAX / torch.compile) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        d = r["derived"]["inference"]
+        c = r["compile_s"]
+        tc = c.get("torch_compile_inference")
+        lines.append(
+            f"| {r['network']} | {r['batch']} | **{fmt_rate(r['inference']['jax'])}** "
+            f"| {fmt_rate(r['inference'].get('eager'))} "
+            f"| {fmt_rate(r['inference'].get('channels_last'))} "
+            f"| {fmt_rate(r['inference'].get('compile'))} | **{d['jax_over_torch_best']:.2f}×** "
+            f"| {r['flops_per_example']['inference'] / 1e9:.3f} | {d['jax_gflops']:.1f} "
+            f"| {100 * d['jax_fraction_of_gemm_peak']:.0f}% | {c['jax_inference']:.1f} / "
+            f"{f'{tc:.1f}' if tc is not None else 'n/a'} |")
+    errs = {r["network"]: r["errors"] for r in report["results"] if r.get("errors")}
+    lines += [
+        "",
+        "How it was measured: identical initial weights (the PyTorch network's, ported; the "
+        "max |logit difference| in eval mode is checked before timing, largest here "
+        f"{max(r.get('port_check_max_abs_logit_diff', 0) for r in report['results']):.1e}), "
+        "one identical batch (the first training images at the book's side), plain SGD at the "
+        "book's learning rate, dropout active in training on both sides. JAX: "
+        "`jax.jit(flaxcnn.training.train_step, donate_argnums=0)`; eval: `model.apply(..., "
+        "train=False)` jitted. PyTorch: `zero_grad; cross_entropy(net(x), y).backward(); "
+        "opt.step()`, eval under `inference_mode`; channels_last converts the network and the "
+        "batch; torch.compile compiles the network (default inductor) on channels_last input, "
+        "the optimizer step stays eager. Every runner warms up, then all runners take turns "
+        f"({report['args']['rounds']} rounds, the order rotating each round), each sample "
+        "lasting about "
+        f"{report['args']['sample_s']} s. GFLOP/example is XLA's cost analysis of the compiled "
+        "step (a multiply-add counts 2). Compile time: XLA's lower + compile; torch.compile's "
+        "first call minus a steady-state call. Peak memory: each framework/mode in a fresh "
+        "process, the peak resident set during steady training steps minus the resident set "
+        "before the network was built (on CPU the process's whole footprint: weights, "
+        "gradients, activations, workspaces, allocator slack).",
+    ]
+    if errs:
+        lines += ["", "Failures: " + "; ".join(f"{n}: {e}" for n, e in errs.items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    results = report["results"]
+    modes = ["jax", *TORCH_MODES]
+    colors = {"jax": "#1f77b4", "eager": "#bbbbbb", "channels_last": "#ff9f40",
+              "compile": "#d62728"}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    for ax, kind in zip(axes, ("train", "inference"), strict=True):
+        names = [r["network"] for r in results]
+        xs = np.arange(len(names))
+        w = 0.8 / len(modes)
+        for i, m in enumerate(modes):
+            vals, lo, hi = [], [], []
+            for r in results:
+                rates = r[kind]
+                best = max(v["median"] for k, v in rates.items() if k != "jax")
+                v = rates.get(m)
+                vals.append(v["median"] / best if v else np.nan)
+                lo.append((v["median"] - v["min"]) / best if v else 0)
+                hi.append((v["max"] - v["median"]) / best if v else 0)
+            bars = ax.bar(xs + (i - 1.5) * w, vals, w, yerr=[lo, hi], capsize=2,
+                          color=colors[m], label=MODE_LABEL[m])
+            if m == "jax":
+                for b, v in zip(bars, vals, strict=True):
+                    ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                                ha="center", va="bottom", fontsize=8, xytext=(0, 3),
+                                textcoords="offset points")
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_xticks(xs, names, rotation=20)
+        ax.set_title(f"{'training step' if kind == 'train' else 'inference (eval mode)'}")
+        ax.set_ylabel("throughput / best PyTorch mode")
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"flaxcnn (JAX) vs PyTorch, {report['device_kind']} "
+                 f"({report['machine']['cpus_used']} threads), medians with min-max")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--networks", nargs="+", default=NETWORKS)
+    p.add_argument("--batch", type=int, help="one batch for every network (default: 32 on a "
+                   "CPU, 256 for LeNet; the book's batch on a GPU)")
+    p.add_argument("--side", type=int, help="input side (default: the book's per network)")
+    p.add_argument("--threads", type=int, help="CPU threads for both (default: all usable)")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved samples per runner")
+    p.add_argument("--sample-s", type=float, default=1.5, help="target seconds per sample")
+    p.add_argument("--iters", type=int, help="fixed steps per sample (overrides --sample-s)")
+    p.add_argument("--torch-modes", nargs="+", default=TORCH_MODES, choices=TORCH_MODES)
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--child-timeout", type=float, default=1200)
+    p.add_argument("--out-dir", default=str(harness.RESULTS))
+    p.add_argument("--name", help="results file stem (default: the device kind)")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--memory-child", nargs=4, metavar=("NET", "MODE", "BATCH", "SIDE"),
+                   help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.device == "cpu":
+        args.threads_used = harness.set_threads(args.threads)
+    else:
+        args.threads_used = args.threads or len(os.sched_getaffinity(0))
+    if args.memory_child:
+        net, mode, batch, side = args.memory_child
+        print(json.dumps(memory_child(net, mode, int(batch), int(side), args.device,
+                                      args.threads_used)))
+        return 0
+
+    import jax
+
+    import flaxcnn  # noqa: F401 - the XLA:CPU defaults, before JAX starts
+
+    if args.device == "gpu":
+        jax.config.update("jax_default_matmul_precision", "highest")  # f32, as torch below
+    import torch
+
+    if args.device == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+        harness.set_torch_threads(args.threads_used)
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+    if args.device == "cpu":
+        kind = f"cpu-{harness.slug(harness.cpu_model())}-{args.threads_used}t"
+    else:
+        kind = "gpu-" + harness.slug(torch.cuda.get_device_name())
+    report = {
+        "device": args.device, "device_kind": kind,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "command": "python benchmarks/bench_vs_torch.py " + " ".join(
+            shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "args": {k: v for k, v in vars(args).items() if k != "memory_child"},
+        "load_start": harness.load_average(),
+        "machine": harness.machine_info(args.threads_used),
+    }
+    tdev = "cuda" if args.device == "gpu" else "cpu"
+    sizes = (2048, 4096, 8192) if args.device == "gpu" else (1024, 2048, 3072)
+    gemm = {"jax": [harness.gemm_peak_jax(sizes)], "torch": [harness.gemm_peak_torch(sizes,
+                                                                                    device=tdev)]}
+    log(f"GEMM f32 GFLOP/s: jax {gemm['jax'][0]['gflops']:.0f}, "
+        f"torch {gemm['torch'][0]['gflops']:.0f}")
+
+    results = []
+    for name in args.networks:
+        results.append(bench_network(name, args, args.device))
+    gemm["jax"].append(harness.gemm_peak_jax(sizes))
+    gemm["torch"].append(harness.gemm_peak_torch(sizes, device=tdev))
+    report["load_end"] = harness.load_average()
+    report["gemm"] = {
+        "runs": gemm,
+        "jax_best": max(g["gflops"] for g in gemm["jax"]),
+        "torch_best": max(g["gflops"] for g in gemm["torch"]),
+    }
+    peak = max(report["gemm"]["jax_best"], report["gemm"]["torch_best"])
+    report["gemm_peak_gflops"] = peak
+    for r in results:
+        r["derived"] = derived(r, peak)
+    report["results"] = results
+    report["summary"] = {
+        r["network"]: {"train_jax_over_torch_best": r["derived"]["train"]["jax_over_torch_best"],
+                       "inference_jax_over_torch_best":
+                           r["derived"]["inference"]["jax_over_torch_best"],
+                       "train_fraction_of_gemm_peak":
+                           r["derived"]["train"]["jax_fraction_of_gemm_peak"]}
+        for r in results}
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or kind
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out / f"{stem}.md").write_text(markdown(report))
+    plot(report, out / f"{stem}.png")
+    log(f"\nwrote {out / stem}.json, .md, .png")
+    geo = statistics.geometric_mean(
+        [r["derived"]["train"]["jax_over_torch_best"] for r in results])
+    log(f"training, JAX / best torch: geometric mean {geo:.2f}; " + ", ".join(
+        f"{r['network']} {r['derived']['train']['jax_over_torch_best']:.2f}" for r in results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""What the benchmarks share: threads, machine facts, GEMM peak, interleaved timing, memory.
+
+Import order matters: call `set_threads` and import `flaxcnn` (which merges its XLA:CPU
+defaults into XLA_FLAGS) before anything creates a JAX backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+# ----------------------------------------------------------------------------- threads
+
+def set_threads(n: int | None) -> int:
+    """Restricts this process to `n` cores (XLA sizes its thread pools from the affinity mask)
+    and returns the thread count both frameworks will use. Call before JAX starts."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if n is None or n >= len(cpus):
+        return len(cpus)
+    os.sched_setaffinity(0, cpus[:n])
+    return n
+
+
+def set_torch_threads(n: int):
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process
+        pass
+
+
+# ----------------------------------------------------------------------------- machine facts
+
+def _lscpu() -> dict:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    info = {}
+    for line in out.splitlines():
+        if ":" in line:
+            k, v = line.split(":", 1)
+            info[k.strip()] = v.strip()
+    return info
+
+
+def cpu_model() -> str:
+    return _lscpu().get("Model name") or platform.processor() or "unknown CPU"
+
+
+def load_average() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def machine_info(threads: int) -> dict:
+    import flax
+    import jax
+    import jaxlib
+    import optax
+
+    info = _lscpu()
+    mem_gib = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem_gib = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    cpu_flags = info.get("Flags", "").split()
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in cpu_flags]
+    out = {
+        "cpu": info.get("Model name", platform.processor()),
+        "cpu_family_model": f"{info.get('CPU family', '?')}/{info.get('Model', '?')}",
+        "logical_cpus": os.cpu_count(),
+        "cpus_used": threads,
+        "isa": flags,
+        "hypervisor": info.get("Hypervisor vendor"),
+        "memory_gib": mem_gib,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [d.device_kind for d in jax.devices()],
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "git_commit": _git("rev-parse", "--short", "HEAD"),
+        "git_dirty_files": _git("status", "--porcelain", "--untracked-files=no").count("\n") + 1
+        if _git("status", "--porcelain", "--untracked-files=no") else 0,
+    }
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+        out["torch_threads"] = torch.get_num_threads()
+        out["torch_mkldnn"] = bool(torch.backends.mkldnn.is_available())
+    except ImportError:
+        pass
+    return out
+
+
+def _git(*args) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+# ----------------------------------------------------------------------------- timing
+
+def summarize(samples: list[float], scale: float = 1.0) -> dict:
+    """Median and min-max of `scale / sample` (e.g. examples per second from seconds)."""
+    rates = sorted(scale / s for s in samples)
+    return {"median": statistics.median(rates), "min": rates[0], "max": rates[-1],
+            "n": len(rates)}
+
+
+def interleave(runners: dict, rounds: int, warmup: int = 1, log=None) -> dict[str, list[float]]:
+    """Runs every runner `warmup` times, then `rounds` rounds of A, B, C, ... (the order rotates
+    each round so no runner always follows the same one). A runner is `f() -> seconds` for one
+    timed sample. Returns name -> list of samples."""
+    names = list(runners)
+    for name in names:
+        for _ in range(warmup):
+            runners[name]()
+    samples = {name: [] for name in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            samples[name].append(runners[name]())
+        if log:
+            log(f"  round {r + 1}/{rounds}: " + ", ".join(
+                f"{n} {samples[n][-1] * 1e3:.0f} ms" for n in names))
+    return samples
+
+
+# ----------------------------------------------------------------------------- GEMM peak
+
+def gemm_peak_jax(sizes=(1024, 2048, 3072), reps: int = 5) -> dict:
+    """The best f32 GFLOP/s of an n*n @ n*n jnp.dot over `sizes`, under the active XLA flags."""
+    import jax
+    import jax.numpy as jnp
+
+    best = {}
+    for n in sizes:
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        f = jax.jit(lambda a, b: jnp.dot(a, b, precision="highest"))
+        f(a, b).block_until_ready()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f(a, b).block_until_ready()
+            ts.append(time.perf_counter() - t)
+        best[n] = 2 * n**3 / min(ts) / 1e9
+    return {"gflops": max(best.values()), "by_size": best}
+
+
+def gemm_peak_torch(sizes=(1024, 2048, 3072), reps: int = 5, device: str = "cpu") -> dict:
+    import torch
+
+    best = {}
+    for n in sizes:
+        a = torch.randn(n, n, device=device)
+        b = torch.randn(n, n, device=device)
+        torch.mm(a, b)
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            if device != "cpu":
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+        best[n] = 2 * n**3 / min(ts) / 1e9
+    return {"gflops": max(best.values()), "by_size": best}
+
+
+# ----------------------------------------------------------------------------- XLA analyses
+
+def xla_flops(compiled) -> float | None:
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    f = (ca or {}).get("flops")
+    return float(f) if f is not None else None
+
+
+def xla_memory(compiled) -> dict:
+    """XLA's buffer plan for one call (bytes): arguments, outputs, temporaries."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return {}
+    if m is None:
+        return {}
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+            "temp_size_in_bytes", "generated_code_size_in_bytes")
+    return {k: int(getattr(m, k)) for k in keys if hasattr(m, k)}
+
+
+# ----------------------------------------------------------------------------- resident memory
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def hwm_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def trim_heap():
+    """Returns freed heap memory to the OS (glibc), so compile-time garbage that the allocator
+    kept does not count as the network's memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_hwm() -> bool:
+    """Resets the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_child(args: list[str], timeout: float = 1800) -> dict:
+    """Runs this interpreter on `args`; the child's last stdout line is a JSON object."""
+    res = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                         timeout=timeout, cwd=ROOT)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode != 0 or not lines:
+        return {"error": (res.stderr or res.stdout).strip().splitlines()[-1:] or ["failed"]}
+    return json.loads(lines[-1])

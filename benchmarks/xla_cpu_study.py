@@ -1,0 +1,162 @@
+"""XLA:CPU settings for these networks, A/B/A/B in one process: the evidence for flaxcnn.cpu.
+
+Every configuration is the same jitted `flaxcnn.training.train_step`, compiled with its own XLA
+compile options (so all variants live in one process and their timings interleave), with either
+the custom max-pool gradient of `flaxcnn.ops` ("pool") or XLA's select-and-scatter ("s&s").
+The process starts with FLAXCNN_NO_XLA_DEFAULTS=1, so "xla" below is XLA's own default and every
+other row says exactly what it changes. Step-structure variants (no donation, K steps per call
+with `lax.scan`) run with the chosen defaults.
+
+    python benchmarks/xla_cpu_study.py --networks alexnet googlenet --batch 16 --rounds 5
+    python benchmarks/xla_cpu_study.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ["FLAXCNN_NO_XLA_DEFAULTS"] = "1"  # measure from XLA's own defaults
+
+import harness  # noqa: E402
+
+YNN = "xla_cpu_experimental_ynn_fusion_type"
+LIB = "LIBRARY_FUSION_TYPE_"
+OFF = {YNN: ""}
+
+# name -> (XLA compile options, custom pool gradient?, step kind)
+CONFIGS = {
+    "xla": ({}, False, "step"),
+    "xla+pool": ({}, True, "step"),
+    "ynn-off": (OFF, False, "step"),
+    "ynn-off+pool": (OFF, True, "step"),
+    "ynn-dot-only+pool": ({YNN: LIB + "INDIVIDUAL_DOT"}, True, "step"),
+    "ynn-conv-only+pool": ({YNN: LIB + "INDIVIDUAL_CONVOLUTION"}, True, "step"),
+    "ynn-eltwise-only+pool": ({YNN: LIB + "ELTWISE"}, True, "step"),
+    "ynn-off+onednn-dot+pool": (
+        {**OFF, "xla_cpu_use_onednn": True,
+         "xla_cpu_experimental_onednn_fusion_type": LIB + "DOT"}, True, "step"),
+    "ynn-off+vec512+pool": ({**OFF, "xla_cpu_prefer_vector_width": 512}, True, "step"),
+    "ynn-off+concurrency-sched+pool": (
+        {**OFF, "xla_cpu_enable_concurrency_optimized_scheduler": True}, True, "step"),
+    "ynn-off+no-fusion-emitters+pool": ({**OFF, "xla_cpu_use_fusion_emitters": False}, True,
+                                        "step"),
+    "ynn-off+single-thread-eigen+pool": ({**OFF, "xla_cpu_multi_thread_eigen": False}, True,
+                                         "step"),
+    "ynn-off+pool, no donation": (OFF, True, "nodonate"),
+    "ynn-off+pool, scan K steps": (OFF, True, "scan"),
+}
+DEFAULT_CONFIGS = ["xla", "ynn-off", "ynn-off+pool", "xla+pool"]
+
+
+def build(name, batch, side, config, k_scan):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flaxcnn import models, ops, recipes, training
+
+    opts, custom_pool, kind = CONFIGS[config]
+    model = models.create(name)
+    state = training.create_train_state(model, jax.random.key(0), side,
+                                        training.sgd(recipes.get(name).lr))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.random((batch, side, side, 1), np.float32))
+    y = jnp.asarray(rng.integers(0, 10, batch).astype(np.int32))
+    if kind == "scan":
+        xs, ys = jnp.stack([x] * k_scan), jnp.stack([y] * k_scan)
+
+        def many(state, xs, ys):
+            return jax.lax.scan(lambda s, b: training.train_step(s, *b), state, (xs, ys))
+
+        fn, args, steps = jax.jit(many, donate_argnums=0), (xs, ys), k_scan
+    else:
+        fn = jax.jit(training.train_step, donate_argnums=() if kind == "nodonate" else 0)
+        args, steps = (x, y), 1
+    saved = ops._max_pool
+    if not custom_pool:
+        ops._max_pool = ops._reduce_max  # XLA differentiates reduce_window: select-and-scatter
+    try:
+        t = time.perf_counter()
+        compiled = fn.lower(state, *args).compile(opts)
+        compile_s = time.perf_counter() - t
+    finally:
+        ops._max_pool = saved
+    holder = {"state": state}
+
+    def run(iters):
+        def sample():
+            t = time.perf_counter()
+            s = holder["state"]
+            for _ in range(max(1, iters // steps)):
+                s, m = compiled(s, *args)
+            jax.block_until_ready((s, m))
+            holder["state"] = s
+            return (time.perf_counter() - t) / (max(1, iters // steps) * steps)
+        return sample
+
+    return run, {"compile_s": compile_s, "flops_per_step": harness.xla_flops(compiled)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--networks", nargs="+", default=["alexnet", "googlenet", "resnet18"])
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lenet-batch", type=int, default=256)
+    p.add_argument("--side", type=int, help="default: the book's side for each network")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iters", type=int, default=2, help="steps per timed sample")
+    p.add_argument("--scan-k", type=int, default=4)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", help="JSON file to append results to")
+    p.add_argument("--list", action="store_true")
+    args = p.parse_args(argv)
+    if args.list:
+        for k, (o, pool, kind) in CONFIGS.items():
+            print(f"{k:40s} pool={'custom' if pool else 's&s'} {kind} {o}")
+        return 0
+    threads = harness.set_threads(args.threads)
+    import flaxcnn  # noqa: F401
+    from flaxcnn import recipes
+
+    results = []
+    for name in args.networks:
+        side = args.side or recipes.get(name).side
+        batch = args.lenet_batch if name.startswith("lenet") else args.batch
+        print(f"{name} @{side} batch {batch}, load {harness.load_average()}", flush=True)
+        runners, meta = {}, {}
+        for c in args.configs:
+            run, meta[c] = build(name, batch, side, c, args.scan_k)
+            runners[c] = run(args.iters)
+            print(f"  compiled {c}: {meta[c]['compile_s']:.1f} s", flush=True)
+        samples = harness.interleave(runners, args.rounds, warmup=1)
+        base = None
+        for c in args.configs:
+            s = harness.summarize(samples[c], batch)
+            base = base or s["median"]
+            fpe = (meta[c]["flops_per_step"] or 0) / batch / (
+                args.scan_k if CONFIGS[c][2] == "scan" else 1)
+            print(f"  {c:40s} {s['median']:8.1f} ex/s [{s['min']:.1f}-{s['max']:.1f}]"
+                  f"  x{s['median'] / base:.2f}  {fpe * s['median'] / 1e9:6.1f} GFLOP/s",
+                  flush=True)
+            results.append({"network": name, "side": side, "batch": batch, "config": c,
+                            "options": {k: str(v) for k, v in CONFIGS[c][0].items()},
+                            "custom_pool": CONFIGS[c][1], "kind": CONFIGS[c][2],
+                            "ex_per_s": s, "compile_s": meta[c]["compile_s"],
+                            "flops_per_example": fpe,
+                            "load": harness.load_average(), "threads": threads})
+    if args.out:
+        path = Path(args.out)
+        old = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps(old + results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
