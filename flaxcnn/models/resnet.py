@@ -62,7 +62,8 @@ def stem(conv, norm):
 def batch_norm_layer(train: bool, dtype: Dtype):
     """PyTorch's `nn.BatchNorm2d` defaults, which are not Flax's (momentum 0.99)."""
     return partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype
+        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+        use_fast_variance=False,  # two-pass variance, as PyTorch; E[x^2]-E[x]^2 loses digits
     )
 
 
