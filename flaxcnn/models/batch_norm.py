@@ -103,7 +103,7 @@ class LeNet(nn.Module):
         elif self.norm == "builtin":
             bn = partial(
                 nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                dtype=self.dtype,
+                dtype=self.dtype, use_fast_variance=False,  # two-pass variance, as PyTorch
             )
             bn2d = bn1d = lambda num_features: bn()  # noqa: E731 - features are inferred
             names = ("BatchNorm2d", "BatchNorm1d")
