@@ -377,16 +377,17 @@ class _Problem:
     @staticmethod
     def solve(
         x, y, p, c, pidx, *, kernel, gamma, coef0, degree, tol, max_iter, q, max_inner,
-        cache_size, chunk, workspace=None,
+        cache_size, chunk, workspace=None, pad_to=0,
     ):
         """x: [n, d] float32 points; y, p, c: [m] float64; pidx: [m] int point per variable.
 
         workspace: a dict holding the kernel-row buffer between calls (reused when the next
-        problem has the same shape), or None.
+        problem has the same shape), or None. pad_to: pad to the size of a problem this large
+        (so that problems of similar sizes share one compiled solver).
         Returns a dict with alpha (float64 [m]), grad, rho, obj, iterations, violation."""
         n, d = x.shape
         m = y.shape[0]
-        n_pad, m_pad = _bucket(n), _bucket(m)
+        n_pad, m_pad = _bucket(max(n, pad_to)), _bucket(max(m, pad_to))
         xp = np.zeros((n_pad, d), np.float32)
         xp[:n] = x
         pid = np.zeros(m_pad, np.int32)
@@ -604,7 +605,9 @@ class _BaseSVM:
             elif self.gamma == "auto":
                 gamma = 1.0 / x.shape[1]
             else:
-                raise ValueError(f"gamma must be 'scale', 'auto' or a number > 0, not {self.gamma!r}")
+                raise ValueError(
+                    f"gamma must be 'scale', 'auto' or a number > 0, not {self.gamma!r}"
+                )
         else:
             gamma = _positive("gamma", self.gamma)
         coef0 = _real("coef0", self.coef0)
@@ -634,9 +637,9 @@ class _BaseSVM:
                 f"this {type(self).__name__} is not fitted yet; call fit(X, y) first"
             )
 
-    def _solve(self, x32, y, p, c, pidx, opts, what, workspace=None):
+    def _solve(self, x32, y, p, c, pidx, opts, what, workspace=None, pad_to=0):
         t = time.perf_counter()
-        res = _Problem.solve(x32, y, p, c, pidx, workspace=workspace, **opts)
+        res = _Problem.solve(x32, y, p, c, pidx, workspace=workspace, pad_to=pad_to, **opts)
         if not res["converged"]:
             warnings.warn(
                 f"{what}: the solver stopped after max_iter={opts['max_iter']} outer iterations"
@@ -647,7 +650,8 @@ class _BaseSVM:
             print(
                 f"  {what}: {len(y)} variables, {int((res['alpha'] > 0).sum())} SV,"
                 f" obj {res['obj']:.6g}, {res['outer']} outer / {res['inner']} inner iterations"
-                f" (q={res['q']}), {res['kernel_rows']} kernel rows, violation {res['violation']:.2e},"
+                f" (q={res['q']}), {res['kernel_rows']} kernel rows,"
+                f" violation {res['violation']:.2e},"
                 f" {time.perf_counter() - t:.2f} s", flush=True,
             )
         return res
@@ -746,11 +750,13 @@ class SVC(_BaseSVM):
                 problems.append((idx, np.where(yi == a, 1.0, -1.0)))
         results = []
         workspace = {}  # the kernel-row buffer, shared by problems of the same size
+        pad_to = max(len(idx) for idx, _ in problems)  # one shape: one compilation
         for n, (idx, yb) in enumerate(problems):
             what = _problem_name(classes, k, n, ovo)
             m = len(idx)
             res = self._solve(
-                x32[idx], yb, -np.ones(m), np.full(m, c), np.arange(m), opts, what, workspace
+                x32[idx], yb, -np.ones(m), np.full(m, c), np.arange(m), opts, what, workspace,
+                pad_to,
             )
             res["idx"], res["y"] = idx, yb
             results.append(res)
@@ -945,3 +951,172 @@ class SVR(_BaseSVM):
         ss_res = float(((z - pred) ** 2).sum())
         ss_tot = float(((z - z.mean()) ** 2).sum())
         return 1.0 - ss_res / ss_tot if ss_tot > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Fashion-MNIST: train.py --model svm
+# --------------------------------------------------------------------------------------------
+
+
+def parse_gamma(value):
+    """'scale', 'auto', or a number > 0 (also as a string, as given on a command line)."""
+    if isinstance(value, str) and value not in ("scale", "auto"):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(
+                f"gamma must be 'scale', 'auto' or a number > 0, not {value!r}"
+            ) from None
+    if not isinstance(value, str):
+        _positive("gamma", value)
+    return value
+
+
+def _read_idx(directory, split):
+    """Fashion-MNIST straight from the upstream gzip IDX files (used without tfds)."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    with gzip.open(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz")) as f:
+        raw = f.read()
+    images = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28, 1)
+    with gzip.open(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz")) as f:
+        raw = f.read()
+    labels = np.frombuffer(raw, np.uint8, offset=8).astype(np.int32)
+    return images, labels
+
+
+def load_fashion_mnist(split, data_dir=None, manual_dir=None):
+    """(uint8 [N, 28, 28, 1], int32 [N]) through `flaxcnn.data.load_split`, the networks' data
+    in the networks' order; straight from the IDX files if tensorflow-datasets is missing."""
+    try:
+        from flaxcnn import data
+    except ImportError:  # pragma: no cover - data.py needs nothing exotic
+        data = None
+    if data is not None:
+        try:
+            return data.load_split(split, data_dir=data_dir, manual_dir=manual_dir)
+        except data.DataError as e:
+            if "tensorflow-datasets is not installed" not in str(e):
+                raise
+    directory = manual_dir or os.environ.get("FASHION_MNIST_DIR") or (
+        "/usr/share/datasets/fashion-mnist"
+    )
+    return _read_idx(directory, split)
+
+
+def _as_features(images):
+    """uint8 images -> float32 [N, H*W*C] pixels in [0, 1] (what the benchmark uses)."""
+    images = np.asarray(images)
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0
+
+
+_RUN_ARGS = (
+    "kernel", "C", "gamma", "degree", "coef0", "train_size", "test_size", "seed", "data_dir",
+    "manual_dir", "tol", "multiclass", "cache_size", "working_set_size", "verbose",
+)
+
+
+def run(args=None, /, **kwargs) -> dict:
+    """Train and evaluate an SVC on Fashion-MNIST; what `train.py --model svm` runs.
+
+    run(kernel="rbf", C=10.0, gamma="scale", degree=3, coef0=0.0, train_size=None,
+        test_size=None, seed=0, data_dir=None, manual_dir=None, tol=1e-3, multiclass="ovo",
+        cache_size=1024, working_set_size=512, verbose=False, log=print)
+
+    `args` may be an argparse Namespace or a dict holding any of these names (keyword arguments
+    win; a Namespace's ``fashion_mnist_dir`` is taken as manual_dir). gamma may be a string
+    ("scale", "auto", "0.01"). train_size / test_size take the first N images, as the networks
+    do. The SVM is deterministic: seed is recorded, nothing depends on it.
+
+    Prints the networks' summary lines (`loss ..., train acc ..., test acc ...` with the mean
+    hinge loss of the binary problems as the loss, and `... examples/sec on <device>` for
+    fitting) and returns a dict with the numbers.
+    """
+    opts = {
+        "kernel": "rbf", "C": 10.0, "gamma": "scale", "degree": 3, "coef0": 0.0,
+        "train_size": None, "test_size": None, "seed": 0, "data_dir": None, "manual_dir": None,
+        "tol": 1e-3, "multiclass": "ovo", "cache_size": 1024, "working_set_size": 512,
+        "verbose": False,
+    }
+    if args is not None:
+        src = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+        if src.get("fashion_mnist_dir") is not None and src.get("manual_dir") is None:
+            src["manual_dir"] = src["fashion_mnist_dir"]
+        opts.update({k: src[k] for k in _RUN_ARGS if src.get(k) is not None})
+    log = kwargs.pop("log", print)
+    unknown = set(kwargs) - set(_RUN_ARGS)
+    if unknown:
+        raise TypeError(f"run() got unknown arguments {sorted(unknown)}")
+    opts.update(kwargs)
+    gamma = parse_gamma(opts["gamma"])
+    for name in ("train_size", "test_size"):
+        v = opts[name]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
+            raise ValueError(f"{name} must be a positive integer, not {v!r}")
+    model = SVC(
+        kernel=opts["kernel"], C=opts["C"], gamma=gamma, degree=opts["degree"],
+        coef0=opts["coef0"], tol=opts["tol"], multiclass=opts["multiclass"],
+        cache_size=opts["cache_size"], working_set_size=opts["working_set_size"],
+        verbose=opts["verbose"],
+    )
+    t0 = time.perf_counter()
+    splits = {}
+    for split in ("train", "test"):
+        images, labels = load_fashion_mnist(split, opts["data_dir"], opts["manual_dir"])
+        size = opts[f"{split}_size"]
+        if size is not None:
+            images, labels = images[:size], labels[:size]
+        splits[split] = (_as_features(images), np.asarray(labels))
+    data_seconds = time.perf_counter() - t0
+    (xtr, ytr), (xte, yte) = splits["train"], splits["test"]
+    device = f"{jax.devices()[0].platform}:{jax.devices()[0].id}"
+
+    t0 = time.perf_counter()
+    model.fit(xtr, ytr)
+    fit_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    test_acc = float(np.mean(model.predict(xte) == yte))
+    predict_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    train_acc = float(np.mean(model.predict(xtr) == ytr))
+    train_predict_seconds = time.perf_counter() - t0
+
+    g = model._gamma
+    what = f"gamma={opts['gamma']} ({g:.4g})" if isinstance(gamma, str) else f"gamma={g:g}"
+    report = {
+        "model": "svm",
+        "kernel": opts["kernel"],
+        "C": float(opts["C"]),
+        "gamma": g,
+        "gamma_arg": opts["gamma"],
+        "degree": opts["degree"],
+        "coef0": opts["coef0"],
+        "multiclass": opts["multiclass"],
+        "tol": opts["tol"],
+        "seed": opts["seed"],
+        "train_examples": len(ytr),
+        "test_examples": len(yte),
+        "loss": float(model.hinge_loss_),
+        "hinge_loss": float(model.hinge_loss_),
+        "dual_objective": float(model.dual_objective_.sum()),
+        "train_acc": train_acc,
+        "test_acc": test_acc,
+        "fit_seconds": fit_seconds,
+        "predict_seconds": predict_seconds,
+        "train_predict_seconds": train_predict_seconds,
+        "data_seconds": data_seconds,
+        "n_support": int(len(model.support_)),
+        "binary_problems": len(model.n_iter_),
+        "outer_iterations": int(model.n_iter_.sum()),
+        "converged": model.fit_status_ == 0,
+        "examples_per_sec": len(ytr) / fit_seconds if fit_seconds else 0.0,
+        "device": device,
+    }
+    log(f"svm: {opts['kernel']} kernel, C={opts['C']:g}, {what}, {opts['multiclass']}, "
+        f"{len(ytr)} training / {len(yte)} test images")
+    log(f"loss {report['loss']:.3f}, train acc {train_acc:.3f}, test acc {test_acc:.3f}")
+    log(f"{report['examples_per_sec']:.1f} examples/sec on {device}")
+    log(f"fit {fit_seconds:.1f} s ({report['binary_problems']} binary problems,"
+        f" {report['n_support']} support vectors, dual objective {report['dual_objective']:.6g},"
+        f" loss = mean hinge loss), predict {predict_seconds:.1f} s test /"
+        f" {train_predict_seconds:.1f} s train, data {data_seconds:.1f} s")
+    return report
