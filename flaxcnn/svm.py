@@ -57,8 +57,10 @@ import gzip
 import math
 import numbers
 import os
+import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import jax
@@ -73,6 +75,7 @@ _TAU = 1e-12  # libsvm's TAU: a non-positive curvature is replaced by it
 _LOCAL_FACTOR = 0.1
 _TAIL = 16  # kernel rows are computed `chunk` at a time, the last few _TAIL at a time
 _GEMV = 64  # gradient updates read the changed kernel rows _GEMV at a time
+_BLOCK = 32  # uncached kernel rows among the working set are computed _BLOCK at a time
 _BUCKET_STEPS = 8  # sizes are padded up to one of 8 steps per power of two (<= 12.5% padding)
 
 
@@ -201,39 +204,35 @@ def _inner_smo(kbb, alpha, f, y, c, valid, tol, max_inner):
     return alpha, it
 
 
-def _fetch(cache, slot_of, owner, stamp, it, ws, valid, x, sq, pidx, gamma, coef0, *, kernel,
-           degree, chunk):
-    """Make the kernel rows of the second half of the working set resident in the cache.
+def _fetch(cache, slot_of, owner, stamp, it, pts, want, x, sq, gamma, coef0, *, kernel, degree,
+           chunk):
+    """Make the kernel rows of the points pts[want] resident in the cache.
 
     cache: [rows, n]; slot_of: [n] the cache slot of each point (-1: none); owner, stamp: [rows]
     the point in each slot and when it was last used (unused when rows >= n: then the slot of
     point i is i, and rows are never evicted). Missing rows are computed `chunk` at a time (the
     last few `_TAIL` at a time), each chunk one [chunk, d] x [d, n] matrix product plus
-    elementwise work. Returns the cache state, the cache slot of each working-set entry and the
-    number of rows computed."""
+    elementwise work. Returns the cache state, the slot of each wanted point (0 for the others)
+    and the number of rows computed."""
     rows, n = cache.shape
     full = rows >= n
-    q = ws.shape[0]
-    h = q // 2
-    pts = pidx[ws]
-    new_pts, new_valid = pts[h:], valid[h:]
-    # a point may appear twice (epsilon-SVR): compute its row once
-    first = jnp.full(n, h, jnp.int32).at[jnp.where(new_valid, new_pts, n)].min(
-        jnp.arange(h, dtype=jnp.int32), mode="drop"
+    k = pts.shape[0]
+    # a point may be wanted twice (epsilon-SVR): compute its row once
+    first = jnp.full(n, k, jnp.int32).at[jnp.where(want, pts, n)].min(
+        jnp.arange(k, dtype=jnp.int32), mode="drop"
     )
-    need = new_valid & (slot_of[new_pts] < 0) & (first[new_pts] == jnp.arange(h))
+    need = want & (slot_of[pts] < 0) & (first[pts] == jnp.arange(k))
     n_need = jnp.sum(need.astype(jnp.int32))
-    h_pad = -(-h // chunk) * chunk + _TAIL  # slices of either size stay inside
-    todo = jnp.argsort(~need, stable=True)  # the points to compute first
-    todo_pts = jnp.zeros(h_pad, jnp.int32).at[:h].set(new_pts[todo])
+    k_pad = -(-k // chunk) * chunk + _TAIL  # slices of either size stay inside
+    todo_pts = jnp.zeros(k_pad, jnp.int32).at[:k].set(pts[jnp.argsort(~need, stable=True)])
     if full:
         victims = todo_pts
     else:
-        # keep every row the working set uses (stamp them now), evict the oldest others
-        cached = valid & (slot_of[pts] >= 0)
+        # keep the wanted rows already cached (stamp them now), evict the oldest others
+        cached = want & (slot_of[pts] >= 0)
         stamp = stamp.at[jnp.where(cached, slot_of[pts], rows)].set(it, mode="drop")
-        _, victims = lax.top_k(-stamp, h)
-        victims = jnp.full(h_pad, rows, jnp.int32).at[:h].set(victims.astype(jnp.int32))
+        _, victims = lax.top_k(-stamp, k)
+        victims = jnp.full(k_pad, rows, jnp.int32).at[:k].set(victims.astype(jnp.int32))
 
     def compute(start, size, cache, slot_of, owner):
         active = start + jnp.arange(size) < n_need
@@ -262,51 +261,57 @@ def _fetch(cache, slot_of, owner, stamp, it, ws, valid, x, sq, pidx, gamma, coef
     else:
         _, *carry = loop(chunk, jnp.int32(0), n_need, (cache, slot_of, owner))
     cache, slot_of, owner = carry
-    slots = jnp.where(valid, slot_of[pts], 0)
+    slots = jnp.where(want, slot_of[pts], 0)
     if not full:
-        stamp = stamp.at[jnp.where(valid, slots, rows)].set(it, mode="drop")
+        stamp = stamp.at[jnp.where(want, slots, rows)].set(it, mode="drop")
     return cache, slot_of, owner, stamp, slots, n_need
 
 
-def _update(alpha, f, ws, valid, slots, cache, pidx, y, c, tol, max_inner):
-    """Solve the sub-problem on the working set ws (its kernel rows: cache[slots]) and
-    propagate the change to the gradients of all variables."""
-    m = alpha.shape[0]
-    q = ws.shape[0]
-    pts = pidx[ws]
-    kbb = jnp.where(valid[:, None] & valid[None, :], cache[slots[:, None], pts[None, :]], 0.0)
-    a_old = alpha[ws]
-    a_new, n_in = _inner_smo(kbb, a_old, f[ws], y[ws], c[ws], valid, tol, max_inner)
-    delta = jnp.where(valid, a_new - a_old, 0.0)
-    alpha = alpha.at[jnp.where(valid, ws, m)].set(a_new, mode="drop")
-    # v = sum_s y_s da_s K(., x_s) over the changed entries, _GEMV rows at a time
-    changed = delta != 0
-    n_changed = jnp.sum(changed.astype(jnp.int32))
-    order = jnp.argsort(~changed, stable=True)
+def _gradient_change(cache, slots, coef, n_changed):
+    """sum_s coef_s cache[slots_s] over the first n_changed entries, _GEMV rows at a time."""
+    q = coef.shape[0]
     q_pad = -(-q // _GEMV) * _GEMV
-    coef = jnp.zeros(q_pad, jnp.float32).at[:q].set((y[ws] * delta)[order])
-    slot_o = jnp.zeros(q_pad, jnp.int32).at[:q].set(slots[order])
+    coef = jnp.zeros(q_pad, jnp.float32).at[:q].set(coef)
+    slots = jnp.zeros(q_pad, jnp.int32).at[:q].set(slots)
 
     def body(s):
         b, v = s
         cb = lax.dynamic_slice(coef, (b,), (_GEMV,))
-        kr = cache[lax.dynamic_slice(slot_o, (b,), (_GEMV,))]
+        kr = cache[lax.dynamic_slice(slots, (b,), (_GEMV,))]
         kr = jnp.where((cb != 0)[:, None], kr, 0.0)
         return b + _GEMV, v + jnp.dot(cb, kr, precision=lax.Precision.HIGHEST)
 
     _, v = lax.while_loop(
         lambda s: s[0] < n_changed, body, (jnp.int32(0), jnp.zeros(cache.shape[1], jnp.float32))
     )
-    return alpha, f - v[pidx], n_in
+    return v
 
 
-def _new_working_set(f, alpha, y, c, ws, valid):
-    """Keep the newer half of ws, add the q/2 most violating variables not in ws."""
-    q = ws.shape[0]
+def _new_block(cache, slot_of, pts, valid, x, sq, kern):
+    """K(new half of the working set, working set): [q/2, q]. Read from the cached rows where
+    they exist; the others computed _BLOCK rows at a time."""
+    q = pts.shape[0]
     h = q // 2
-    exclude = jnp.zeros(alpha.shape[0], bool).at[ws].max(valid)  # as ThunderSVM
-    new, new_valid = _select(f, alpha, y, c, exclude, h)
-    return jnp.concatenate([ws[h:], new]), jnp.concatenate([valid[h:], new_valid])
+    new = pts[h:]
+    slot = slot_of[new]
+    cached = slot >= 0
+    k = jnp.where(cached[:, None], cache[jnp.maximum(slot, 0)[:, None], pts[None, :]], 0.0)
+    todo = valid[h:] & ~cached
+    n_todo = jnp.sum(todo.astype(jnp.int32))
+    order = jnp.argsort(~todo, stable=True)
+    h_pad = -(-h // _BLOCK) * _BLOCK
+    rows = jnp.full(h_pad, h, jnp.int32).at[:h].set(order.astype(jnp.int32))
+    xs, sqs = x[pts], sq[pts]
+
+    def body(s):
+        b, k = s
+        r = lax.dynamic_slice(rows, (b,), (_BLOCK,))
+        p = new[jnp.minimum(r, h - 1)]
+        blk = kern(x[p], xs, sq[p], sqs)
+        return b + _BLOCK, k.at[r].set(blk, mode="drop")
+
+    _, k = lax.while_loop(lambda s: s[0] < n_todo, body, (jnp.int32(0), k))
+    return k
 
 
 @partial(
@@ -319,6 +324,13 @@ def _solve(
     """Solve one dual problem. x: [n, d] points; pidx: [m] the point of each variable;
     y, p, c: [m] sign, linear term and upper bound (c = 0 marks padding).
 
+    Each outer step: keep the newer half of the working set, add the q/2 most violating
+    variables not in it (as ThunderSVM), compute the kernel between the new ones and the
+    working set ([q/2, q], one small matrix product; the rest of the [q, q] block is carried
+    over), solve the sub-problem, and update all gradients with the full kernel rows of the
+    variables that changed, computed when they are not cached yet. Variables that enter the
+    working set but do not move never cost a full row.
+
     cache: [rows, n] float32 buffer for kernel rows (see `_fetch`), donated and returned so that
     the next problem of the same shape reuses it; its contents are never read before written.
     Returns (cache, alpha, f = -y G, outer iterations, inner iterations, final violation,
@@ -326,11 +338,14 @@ def _solve(
     m = y.shape[0]
     n = x.shape[0]
     rows = cache.shape[0]
+    h = q // 2
     small = 1 if rows >= n else rows
+    kern = partial(_kernel_block, gamma=gamma, coef0=coef0, kernel=kernel, degree=degree)
     state = (
         jnp.int32(0), jnp.int32(0), jnp.int32(0),
         jnp.zeros(m, jnp.float32), -y * p,  # alpha = 0, f = -y G = -y p
         jnp.zeros(q, jnp.int32), jnp.zeros(q, bool),  # the working set starts empty
+        jnp.zeros((q, q), jnp.float32),  # the kernel among the working set
         cache, jnp.full(n, -1, jnp.int32), jnp.full(small, -1, jnp.int32),
         jnp.full(small, -1, jnp.int32), jnp.float32(jnp.inf),
     )
@@ -340,19 +355,39 @@ def _solve(
         return (gap > tol) & (it < max_outer)
 
     def body(s):
-        it, n_inner, n_rows, alpha, f, ws, valid, cache, slot_of, owner, stamp, _ = s
-        ws, valid = _new_working_set(f, alpha, y, c, ws, valid)
+        it, n_inner, n_rows, alpha, f, ws, valid, kbb, cache, slot_of, owner, stamp, _ = s
+        # the new working set: the newer half of the old one, then q/2 new variables
+        exclude = jnp.zeros(m, bool).at[ws].max(valid)
+        new, new_valid = _select(f, alpha, y, c, exclude, h)
+        ws = jnp.concatenate([ws[h:], new])
+        valid = jnp.concatenate([valid[h:], new_valid])
+        pts = pidx[ws]
+        k_new = _new_block(cache, slot_of, pts, valid, x, sq, kern)  # [h, q]
+        kbb = jnp.concatenate(
+            [jnp.concatenate([kbb[h:, h:], k_new[:, :h].T], axis=1), k_new], axis=0
+        )
+        kbb = jnp.where(valid[:, None] & valid[None, :], kbb, 0.0)
+        # the sub-problem
+        a_old = alpha[ws]
+        a_new, n_in = _inner_smo(kbb, a_old, f[ws], y[ws], c[ws], valid, tol, max_inner)
+        delta = jnp.where(valid, a_new - a_old, 0.0)
+        alpha = alpha.at[jnp.where(valid, ws, m)].set(a_new, mode="drop")
+        # the gradients: f -= sum_s y_s da_s K(., x_s) over the variables that moved
+        changed = delta != 0
+        n_changed = jnp.sum(changed.astype(jnp.int32))
+        order = jnp.argsort(~changed, stable=True)
         cache, slot_of, owner, stamp, slots, n_new = _fetch(
-            cache, slot_of, owner, stamp, it, ws, valid, x, sq, pidx, gamma, coef0,
+            cache, slot_of, owner, stamp, it, pts[order], changed[order], x, sq, gamma, coef0,
             kernel=kernel, degree=degree, chunk=chunk,
         )
-        alpha, f, n_in = _update(alpha, f, ws, valid, slots, cache, pidx, y, c, tol, max_inner)
+        v = _gradient_change(cache, slots, (y[ws] * delta)[order], n_changed)
+        f = f - v[pidx]
         return (
-            it + 1, n_inner + n_in, n_rows + n_new, alpha, f, ws, valid, cache, slot_of, owner,
-            stamp, _violation(f, alpha, y, c),
+            it + 1, n_inner + n_in, n_rows + n_new, alpha, f, ws, valid, kbb, cache, slot_of,
+            owner, stamp, _violation(f, alpha, y, c),
         )
 
-    it, n_inner, n_rows, alpha, f, _, _, cache, *_, gap = lax.while_loop(cond, body, state)
+    it, n_inner, n_rows, alpha, f, _, _, _, cache, _, _, _, gap = lax.while_loop(cond, body, state)
     return cache, alpha, f, it, n_inner, gap, n_rows
 
 
@@ -403,7 +438,7 @@ class _Problem:
         # the cache: all rows if they fit in cache_size MB, else as many as fit (>= 1.5 q)
         rows = min(n_pad, max(int(cache_size * 2**20) // (4 * n_pad), 1))
         if rows < n_pad:
-            rows = max(rows, qq + qq // 2)
+            rows = max(rows, 2 * qq)
         xj = jnp.asarray(xp)
         sq = jnp.sum(xj * xj, axis=1)
         cache = workspace.pop((rows, n_pad), None) if workspace is not None else None
@@ -562,7 +597,8 @@ class _BaseSVM:
 
     def __init__(
         self, kernel="rbf", C=1.0, gamma="scale", degree=3, coef0=0.0, tol=1e-3, max_iter=-1,
-        working_set_size=512, max_inner=None, cache_size=1024, chunk=64, verbose=False,
+        working_set_size=512, max_inner=None, cache_size=1024, chunk=64, n_jobs=None,
+        verbose=False,
     ):
         self.kernel = kernel
         self.C = C
@@ -575,6 +611,7 @@ class _BaseSVM:
         self.max_inner = max_inner
         self.cache_size = cache_size
         self.chunk = chunk
+        self.n_jobs = n_jobs
         self.verbose = verbose
 
     # -- parameters -----------------------------------------------------------------------
@@ -630,6 +667,15 @@ class _BaseSVM:
             cache_size=_positive("cache_size", self.cache_size),
             chunk=_positive_int("chunk", self.chunk),
         ), c
+
+    def _n_jobs(self, problems):
+        """Threads solving binary problems side by side: n_jobs, or the number of CPU cores."""
+        jobs = self.n_jobs
+        if jobs is None:
+            jobs = os.cpu_count() or 1
+        if isinstance(jobs, bool) or not isinstance(jobs, numbers.Integral) or jobs < 1:
+            raise ValueError(f"n_jobs must be an integer >= 1 or None, not {self.n_jobs!r}")
+        return max(1, min(int(jobs), problems))
 
     def _check_fitted(self):
         if not hasattr(self, self._fitted_attr):
@@ -713,10 +759,10 @@ class SVC(_BaseSVM):
     def __init__(
         self, kernel="rbf", C=1.0, gamma="scale", degree=3, coef0=0.0, tol=1e-3, max_iter=-1,
         decision_function_shape="ovr", multiclass="ovo", working_set_size=512, max_inner=None,
-        cache_size=1024, chunk=64, verbose=False,
+        cache_size=1024, chunk=64, n_jobs=None, verbose=False,
     ):
         super().__init__(kernel, C, gamma, degree, coef0, tol, max_iter, working_set_size,
-                         max_inner, cache_size, chunk, verbose)
+                         max_inner, cache_size, chunk, n_jobs, verbose)
         self.decision_function_shape = decision_function_shape
         self.multiclass = multiclass
 
@@ -748,19 +794,28 @@ class SVC(_BaseSVM):
             for a in range(k):
                 idx = np.arange(len(yi))
                 problems.append((idx, np.where(yi == a, 1.0, -1.0)))
-        results = []
-        workspace = {}  # the kernel-row buffer, shared by problems of the same size
         pad_to = max(len(idx) for idx, _ in problems)  # one shape: one compilation
-        for n, (idx, yb) in enumerate(problems):
-            what = _problem_name(classes, k, n, ovo)
+        local = threading.local()  # per thread: the kernel-row buffer, reused problem to problem
+
+        def solve(n):
+            idx, yb = problems[n]
+            if not hasattr(local, "workspace"):
+                local.workspace = {}
             m = len(idx)
             res = self._solve(
-                x32[idx], yb, -np.ones(m), np.full(m, c), np.arange(m), opts, what, workspace,
-                pad_to,
+                x32[idx], yb, -np.ones(m), np.full(m, c), np.arange(m), opts,
+                _problem_name(classes, k, n, ovo), local.workspace, pad_to,
             )
             res["idx"], res["y"] = idx, yb
-            results.append(res)
-        del workspace
+            return res
+
+        results = [solve(0)]  # alone: it compiles the solver
+        jobs = self._n_jobs(len(problems) - 1)
+        if jobs > 1:
+            with ThreadPoolExecutor(jobs) as pool:
+                results += list(pool.map(solve, range(1, len(problems))))
+        else:
+            results += [solve(n) for n in range(1, len(problems))]
         self.fit_time_ = time.perf_counter() - t0
 
         # support vectors: samples with a nonzero coefficient in any problem, grouped by class
@@ -785,6 +840,7 @@ class SVC(_BaseSVM):
         self._ovo = ovo
         self.n_iter_ = np.array([r["outer"] for r in results], np.int32)
         self.n_inner_iter_ = np.array([r["inner"] for r in results], np.int64)
+        self.n_kernel_rows_ = np.array([r["kernel_rows"] for r in results], np.int64)
         self.dual_objective_ = np.array([r["obj"] for r in results])
         self.kkt_violation_ = np.array([r["violation"] for r in results])
         self.fit_status_ = int(not all(r["converged"] for r in results))
@@ -901,7 +957,7 @@ class SVR(_BaseSVM):
         verbose=False,
     ):
         super().__init__(kernel, C, gamma, degree, coef0, tol, max_iter, working_set_size,
-                         max_inner, cache_size, chunk, verbose)
+                         max_inner, cache_size, chunk, 1, verbose)
         self.epsilon = epsilon
 
     def fit(self, X, y):
@@ -932,6 +988,7 @@ class SVR(_BaseSVM):
         self._rho = np.array([res["rho"]])
         self.n_iter_ = np.array([res["outer"]], np.int32)
         self.n_inner_iter_ = np.array([res["inner"]], np.int64)
+        self.n_kernel_rows_ = np.array([res["kernel_rows"]], np.int64)
         self.dual_objective_ = np.array([res["obj"]])
         self.kkt_violation_ = np.array([res["violation"]])
         self.fit_status_ = int(not res["converged"])
