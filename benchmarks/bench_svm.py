@@ -1,0 +1,271 @@
+"""flaxcnn.svm.SVC against scikit-learn's SVC (libsvm) on Fashion-MNIST, on this CPU.
+
+Same data (the first N training images in the networks' order, pixels / 255 in [0, 1], the full
+10,000-image test set), same kernel, C and gamma ('scale' = 1 / (784 * X.var()) of the training
+subset, computed identically by both), same stopping tolerance (1e-3), both one-vs-one.
+
+    python benchmarks/bench_svm.py --sizes 10000 60000          # both implementations
+    python benchmarks/bench_svm.py --sizes 10000 --impl jax     # only ours
+    python benchmarks/bench_svm.py --sizes 10000 --impl jax-ovr # ours, one-vs-rest
+
+Each (implementation, size) result is merged into benchmarks/results/svm_cpu.json, and the table
+benchmarks/results/svm_cpu.md is rewritten from all results there, so slow runs (scikit-learn
+at 60,000 images takes tens of minutes) can be made separately.
+
+Measured per run: fit wall time (ours includes jit compilation), prediction of the 10,000 test
+images, test accuracy, support vectors, the dual objective of every binary problem recomputed
+in float64 from the returned coefficients (the same function for both), and the agreement of
+the two implementations' test predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+OUT = os.path.join(ROOT, "benchmarks", "results", "svm_cpu")
+IMPLS = ("jax", "sklearn", "jax-ovr")
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version()}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in lscpu.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "L3 cache"):
+                info[key.strip()] = value.strip()
+        with open("/proc/meminfo") as f:
+            info["MemTotal"] = f.readline().split(":")[1].strip()
+    except OSError:
+        pass
+    import jax
+    import sklearn
+
+    info["jax"] = jax.__version__
+    info["sklearn"] = sklearn.__version__
+    info["numpy"] = np.__version__
+    info["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")
+    info["FLAXCNN_NO_XLA_DEFAULTS"] = os.environ.get("FLAXCNN_NO_XLA_DEFAULTS", "")
+    return info
+
+
+def load(size):
+    from flaxcnn import svm
+
+    xtr, ytr = svm.load_fashion_mnist("train")
+    xte, yte = svm.load_fashion_mnist("test")
+    xtr, ytr = xtr[:size], np.asarray(ytr[:size], np.int64)
+    return svm._as_features(xtr), ytr, svm._as_features(xte), np.asarray(yte, np.int64)
+
+
+def pair_coefs(support, dual_coef, y, classes):
+    """[(sample indices, y alpha)] per one-vs-one problem, read from libsvm's layout."""
+    k = len(classes)
+    cls = np.searchsorted(classes, y[support])
+    out = []
+    for a in range(k):
+        for b in range(a + 1, k):
+            ia, ib = cls == a, cls == b
+            idx = np.concatenate([support[ia], support[ib]])
+            coef = np.concatenate([dual_coef[b - 1, ia], dual_coef[a, ib]])
+            keep = coef != 0
+            out.append((idx[keep], coef[keep]))
+    return out
+
+
+def dual_objectives(x, pairs, gamma):
+    """1/2 c^T K c - sum |c| per problem, in float64 (RBF kernel)."""
+    out = []
+    for idx, coef in pairs:
+        sv = x[idx].astype(np.float64)
+        sq = (sv * sv).sum(1)
+        k = np.exp(-gamma * np.maximum(sq[:, None] + sq[None, :] - 2 * sv @ sv.T, 0))
+        out.append(float(0.5 * coef @ k @ coef - np.abs(coef).sum()))
+    return out
+
+
+def bench(impl, size, args) -> dict:
+    from flaxcnn import svm
+
+    xtr, ytr, xte, yte = load(size)
+    gamma = svm.parse_gamma(args.gamma)
+    print(f"[{impl} @ {size}] fitting ...", flush=True)
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    if impl == "sklearn":
+        from sklearn.svm import SVC
+
+        model = SVC(kernel=args.kernel, C=args.C, gamma=gamma, tol=args.tol,
+                    cache_size=args.sklearn_cache)
+        model.fit(xtr.astype(np.float64), ytr)
+    else:
+        model = svm.SVC(kernel=args.kernel, C=args.C, gamma=gamma, tol=args.tol,
+                        multiclass="ovr" if impl == "jax-ovr" else "ovo",
+                        cache_size=args.cache, working_set_size=args.q, verbose=args.verbose)
+        model.fit(xtr, ytr)
+    fit_s = time.perf_counter() - t0
+    fit_cpu = time.process_time() - c0
+    t0 = time.perf_counter()
+    pred = model.predict(xte.astype(np.float64) if impl == "sklearn" else xte)
+    predict_s = time.perf_counter() - t0
+    load1 = os.getloadavg()[0]
+    test_acc = float(np.mean(pred == yte))
+    res = {
+        "impl": impl,
+        "train_size": size,
+        "kernel": args.kernel,
+        "C": args.C,
+        "gamma": float(model._gamma),
+        "tol": args.tol,
+        "fit_s": fit_s,
+        "fit_cpu_s": fit_cpu,
+        "predict_s": predict_s,
+        "test_acc": test_acc,
+        "n_support": int(len(model.support_)),
+        "loadavg_before_after": [load0, load1],
+        "pred": "".join(map(str, pred.tolist())),
+        "when": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    if impl == "sklearn":
+        res["cache_size_mb"] = args.sklearn_cache
+    else:
+        res["cache_size_mb"] = args.cache
+        res["working_set_size"] = args.q
+        res["outer_iterations"] = int(model.n_iter_.sum())
+        res["max_kkt_violation"] = float(model.kkt_violation_.max())
+    if impl != "jax-ovr" and not args.no_objectives:
+        t0 = time.perf_counter()
+        pairs = pair_coefs(model.support_, model.dual_coef_, ytr, np.unique(ytr))
+        res["dual_objectives"] = dual_objectives(xtr, pairs, float(model._gamma))
+        print(f"  dual objectives in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"[{impl} @ {size}] fit {fit_s:.1f} s (cpu {fit_cpu:.1f} s), predict {predict_s:.1f} s,"
+          f" test acc {test_acc:.4f}, {res['n_support']} SV", flush=True)
+    return res
+
+
+def load_results() -> dict:
+    try:
+        with open(OUT + ".json") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {"results": {}}
+
+
+def table(doc) -> str:
+    res = doc["results"]
+    m = doc.get("machine", {})
+    lines = [
+        "# SVM on Fashion-MNIST: flaxcnn.svm (JAX) vs scikit-learn SVC (libsvm), CPU",
+        "",
+        f"Machine: {m.get('Model name', '?')}, {m.get('CPU(s)', '?')} cores, "
+        f"{m.get('MemTotal', '?')} RAM; shared with other jobs (load averages in the JSON). "
+        f"jax {m.get('jax', '?')}, scikit-learn {m.get('sklearn', '?')}, "
+        f"XLA_FLAGS='{m.get('XLA_FLAGS', '')}', "
+        f"FLAXCNN_NO_XLA_DEFAULTS='{m.get('FLAXCNN_NO_XLA_DEFAULTS', '')}'.",
+        "",
+        "Same data (first N training images in the networks' order, pixels in [0, 1]; the 10,000 "
+        "test images), RBF kernel, C=10, gamma='scale', tol=1e-3, one-vs-one (45 problems). "
+        "Fit time includes our jit compilation. Dual objective: sum over the 45 problems of "
+        "1/2 c'Kc - sum|c|, recomputed in float64 from each model's coefficients (lower is "
+        "better).",
+        "",
+        "| train images | implementation | fit (s) | predict 10k (s) | test acc | support vectors "
+        "| dual objective | fit speed-up | fit+predict speed-up | same test predictions |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    sizes = sorted({r["train_size"] for r in res.values()})
+    for size in sizes:
+        ref = res.get(f"sklearn@{size}")
+        for impl in ("sklearn", "jax", "jax-ovr"):
+            r = res.get(f"{impl}@{size}")
+            if r is None:
+                continue
+            name = {"sklearn": "scikit-learn SVC", "jax": "flaxcnn.svm.SVC",
+                    "jax-ovr": "flaxcnn.svm.SVC one-vs-rest"}[impl]
+            obj = f"{sum(r['dual_objectives']):.1f}" if "dual_objectives" in r else "-"
+            if ref is not None and impl != "sklearn":
+                sp = f"{ref['fit_s'] / r['fit_s']:.1f}x"
+                sp2 = f"{(ref['fit_s'] + ref['predict_s']) / (r['fit_s'] + r['predict_s']):.1f}x"
+                same = np.mean(np.frombuffer(r["pred"].encode(), np.uint8)
+                               == np.frombuffer(ref["pred"].encode(), np.uint8))
+                same = f"{same:.4f}"
+            else:
+                sp = sp2 = same = "-"
+            lines.append(
+                f"| {size} | {name} | {r['fit_s']:.1f} | {r['predict_s']:.1f} | "
+                f"{r['test_acc']:.4f} | {r['n_support']} | {obj} | {sp} | {sp2} | {same} |"
+            )
+    lines += ["", "Per run (from the JSON):", ""]
+    for key in sorted(res, key=lambda k: (res[k]["train_size"], k)):
+        r = res[key]
+        extra = ""
+        if "outer_iterations" in r:
+            extra = (f", working set {r['working_set_size']}, {r['outer_iterations']} outer "
+                     f"iterations, max KKT violation {r['max_kkt_violation']:.2g}")
+        if "dual_objectives" in r and f"sklearn@{r['train_size']}" in res and key.startswith(
+            "jax@"
+        ):
+            ref = res[f"sklearn@{r['train_size']}"].get("dual_objectives")
+            if ref:
+                rel = np.max(np.abs(np.subtract(r["dual_objectives"], ref)) / np.abs(ref))
+                extra += f", per-problem dual objectives within {rel:.1e} (relative) of libsvm's"
+        lines.append(
+            f"- {key}: fit {r['fit_s']:.1f} s wall / {r['fit_cpu_s']:.1f} s CPU, cache "
+            f"{r['cache_size_mb']} MB, load average {r['loadavg_before_after'][0]:.1f} -> "
+            f"{r['loadavg_before_after'][1]:.1f}, {r['when']}{extra}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[10000, 60000])
+    p.add_argument("--impl", nargs="+", default=["jax", "sklearn"], choices=IMPLS)
+    p.add_argument("--kernel", default="rbf")
+    p.add_argument("--C", type=float, default=10.0)
+    p.add_argument("--gamma", default="scale")
+    p.add_argument("--tol", type=float, default=1e-3)
+    p.add_argument("--cache", type=float, default=1024, help="our kernel-row cache, MB")
+    p.add_argument("--q", type=int, default=512, help="our working-set size")
+    p.add_argument("--sklearn-cache", type=float, default=2000, help="libsvm's cache, MB")
+    p.add_argument("--no-objectives", action="store_true")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--dry", action="store_true", help="only rewrite the table from the JSON")
+    p.add_argument("--project-xla-defaults", action="store_true",
+                   help="keep flaxcnn's XLA:CPU defaults (YNNPACK fusions off; tuned for the "
+                        "networks' convolutions). Without it they are opted out of "
+                        "(FLAXCNN_NO_XLA_DEFAULTS=1): the SVM's kernel products run faster with "
+                        "XLA's own defaults")
+    args = p.parse_args(argv)
+    if not args.project_xla_defaults:
+        os.environ.setdefault("FLAXCNN_NO_XLA_DEFAULTS", "1")
+    doc = load_results()
+    if not args.dry:
+        for size in args.sizes:
+            for impl in args.impl:
+                doc["results"][f"{impl}@{size}"] = bench(impl, size, args)
+                doc["machine"] = machine()  # after flaxcnn's import set its XLA_FLAGS
+                with open(OUT + ".json", "w") as f:
+                    json.dump(doc, f, indent=1)
+                with open(OUT + ".md", "w") as f:
+                    f.write(table(doc))
+    with open(OUT + ".md", "w") as f:
+        f.write(table(doc))
+    print(table(doc))
+
+
+if __name__ == "__main__":
+    main()
