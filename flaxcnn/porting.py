@@ -478,7 +478,7 @@ def flax_to_torch(variables, torch_module, flax_model, x, *, pairs=None, init_kw
                         f"{pair.describe()}: Flax array of shape {value.shape} does not fit "
                         f"PyTorch tensor of shape {tuple(tensor.shape)}"
                     )
-                tensor.copy_(torch.from_numpy(np.ascontiguousarray(value)).reshape(tensor.shape))
+                tensor.copy_(torch.from_numpy(np.array(value)).reshape(tensor.shape))
     return torch_module
 
 
