@@ -5,6 +5,9 @@
     variables = torch_to_flax(net, model, (1, 224, 224, 1))   # NHWC sample input or its shape
     logits = model.apply(variables, x_nhwc, train=False)      # == net(x_nchw) in eval mode
 
+    variables = state_dict_to_flax(torch.load("alexnet.pt"), "alexnet")   # a saved state_dict
+    torch.save(flax_to_state_dict(variables, "alexnet"), "alexnet.pt")    # and back
+
 How layers are matched. Neither side's names say which layer is which (PyTorch's `3.weight`,
 Flax's `Conv_1/kernel`), so both modules are run once on a dummy batch and their layers are
 paired in the order they are *called*: PyTorch through forward hooks on every module that holds
@@ -46,8 +49,9 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "LayerPair", "PortingError", "flax_running_var", "flax_to_torch", "match_layers",
-    "torch_batch_stats", "torch_grads_to_flax", "torch_running_var", "torch_to_flax",
+    "LayerPair", "PortingError", "flax_running_var", "flax_to_state_dict", "flax_to_torch",
+    "match_layers", "state_dict_to_flax", "torch_batch_stats", "torch_grads_to_flax",
+    "torch_running_var", "torch_to_flax",
 ]
 
 
@@ -480,6 +484,32 @@ def flax_to_torch(variables, torch_module, flax_model, x, *, pairs=None, init_kw
                     )
                 tensor.copy_(torch.from_numpy(np.array(value)).reshape(tensor.shape))
     return torch_module
+
+
+# --- state_dicts of the book's networks -------------------------------------------------------
+
+def state_dict_to_flax(state_dict, name, side=None, *, strict=True):
+    """Flax variables for `flaxcnn.models.create(name)` from a `state_dict` of the book's
+    PyTorch network `name` (`flaxcnn.torch_ref.create(name, side)`; `side` defaults to the
+    book's). A `state_dict` has no call order, so it is loaded into that network first
+    (`strict` as in `load_state_dict`; the book's own scratch BatchNorm kept its moving
+    statistics outside the `state_dict`, pass `strict=False` for those)."""
+    from flaxcnn import models, torch_ref
+
+    side = side or torch_ref.book_side(name)
+    net = torch_ref.create(name, side, init=False)
+    net.load_state_dict(state_dict, strict=strict)
+    return torch_to_flax(net, models.create(name), (1, side, side, 1))
+
+
+def flax_to_state_dict(variables, name, side=None):
+    """The `state_dict` of the book's PyTorch network `name` holding Flax `variables`."""
+    from flaxcnn import models, torch_ref
+
+    side = side or torch_ref.book_side(name)
+    net = torch_ref.create(name, side, init=False)
+    flax_to_torch(variables, net, models.create(name), (1, side, side, 1))
+    return net.state_dict()
 
 
 # --- running variance: biased (Flax, scratch) vs unbiased (PyTorch nn.BatchNorm*) --------------

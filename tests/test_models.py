@@ -569,6 +569,22 @@ def test_flax_to_torch_round_trip(name):
     assert rel_err(jax.jit(model.apply)(variables, x), expected) < 1e-5
 
 
+def test_state_dict_round_trip():
+    """A state_dict of the book's network to Flax variables and back, unchanged."""
+    torch.manual_seed(0)
+    net = torch_ref.create("lenet_bn")
+    net.train()
+    net(torch.rand(4, 1, 28, 28))  # non-trivial running statistics
+    state = net.state_dict()
+    variables = porting.state_dict_to_flax(state, "lenet_bn")
+    assert np.array_equal(variables["params"]["Dense_0"]["kernel"][:, 0],
+                          state["9.weight"][0].reshape(16, 4, 4).permute(1, 2, 0).reshape(-1))
+    assert np.array_equal(variables["batch_stats"]["BatchNorm_3"]["var"], state["13.running_var"])
+    back = porting.flax_to_state_dict(variables, "lenet_bn")
+    assert set(back) == set(state)
+    assert all(torch.equal(back[k], state[k]) for k in state if "num_batches" not in k)
+
+
 def test_ported_arrays_do_not_alias_torch():
     """PyTorch updates weights and statistics in place; the ported arrays must not follow."""
     net = torch_ref.create("lenet_bn")
