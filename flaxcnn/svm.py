@@ -318,11 +318,12 @@ def _new_block(cache, slot_of, pts, valid, x, sq, kern):
     jax.jit, static_argnames=("kernel", "degree", "q", "max_inner", "chunk"), donate_argnums=(0,)
 )
 def _solve(
-    cache, x, sq, pidx, y, p, c, gamma, coef0, tol, max_outer, *, kernel, degree, q, max_inner,
-    chunk,
+    cache, x_all, sq_all, points, pidx, y, p, c, gamma, coef0, tol, max_outer, *, kernel, degree,
+    q, max_inner, chunk,
 ):
-    """Solve one dual problem. x: [n, d] points; pidx: [m] the point of each variable;
-    y, p, c: [m] sign, linear term and upper bound (c = 0 marks padding).
+    """Solve one dual problem on the points x_all[points] ([n, d]; sq_all: squared norms).
+    pidx: [m] the point (in 0..n-1) of each variable; y, p, c: [m] sign, linear term and upper
+    bound (c = 0 marks padding).
 
     Each outer step: keep the newer half of the working set, add the q/2 most violating
     variables not in it (as ThunderSVM), compute the kernel between the new ones and the
@@ -335,6 +336,7 @@ def _solve(
     the next problem of the same shape reuses it; its contents are never read before written.
     Returns (cache, alpha, f = -y G, outer iterations, inner iterations, final violation,
     kernel rows computed)."""
+    x, sq = x_all[points], sq_all[points]
     m = y.shape[0]
     n = x.shape[0]
     rows = cache.shape[0]
@@ -413,20 +415,22 @@ class _Problem:
 
     @staticmethod
     def solve(
-        x, y, p, c, pidx, *, kernel, gamma, coef0, degree, tol, max_iter, q, max_inner,
-        cache_size, chunk, workspace=None, pad_to=0,
+        x_all, sq_all, points, y, p, c, pidx, *, kernel, gamma, coef0, degree, tol, max_iter, q,
+        max_inner, cache_size, chunk, workspace=None, pad_to=0,
     ):
-        """x: [n, d] float32 points; y, p, c: [m] float64; pidx: [m] int point per variable.
+        """x_all, sq_all: all points and their squared norms, on the device; points: [n] the
+        problem's points among them; y, p, c: [m] float64; pidx: [m] int, the point (0..n-1) of
+        each variable.
 
         workspace: a dict holding the kernel-row buffer between calls (reused when the next
         problem has the same shape), or None. pad_to: pad to the size of a problem this large
         (so that problems of similar sizes share one compiled solver).
         Returns a dict with alpha (float64 [m]), grad, rho, obj, iterations, violation."""
-        n, d = x.shape
+        n = len(points)
         m = y.shape[0]
         n_pad, m_pad = _bucket(max(n, pad_to)), _bucket(max(m, pad_to))
-        xp = np.zeros((n_pad, d), np.float32)
-        xp[:n] = x
+        pts = np.zeros(n_pad, np.int32)  # padding: point 0, never used (its variables have C=0)
+        pts[:n] = points
         pid = np.zeros(m_pad, np.int32)
         pid[:m] = pidx
         yp = np.ones(m_pad, np.float32)
@@ -437,19 +441,17 @@ class _Problem:
         cp[:m] = c
         qq = _working_set_size(max(m, pad_to), q)
         chunk = max(1, min(int(chunk), qq // 2))
-        # the cache: all rows if they fit in cache_size MB, else as many as fit (>= 1.5 q)
+        # the cache: all rows if they fit in cache_size MB, else as many as fit (>= 2 q)
         rows = min(n_pad, max(int(cache_size * 2**20) // (4 * n_pad), 1))
         if rows < n_pad:
             rows = max(rows, 2 * qq)
-        xj = jnp.asarray(xp)
-        sq = jnp.sum(xj * xj, axis=1)
         cache = workspace.pop((rows, n_pad), None) if workspace is not None else None
         if cache is None:
             cache = jnp.zeros((rows, n_pad), jnp.float32)
         cache, alpha, f, it, n_inner, gap, n_rows = _solve(
-            cache, xj, sq, jnp.asarray(pid), jnp.asarray(yp), jnp.asarray(pp), jnp.asarray(cp),
-            jnp.float32(gamma), jnp.float32(coef0), jnp.float32(tol),
-            jnp.int32(max_iter if max_iter > 0 else np.iinfo(np.int32).max),
+            cache, x_all, sq_all, jnp.asarray(pts), jnp.asarray(pid), jnp.asarray(yp),
+            jnp.asarray(pp), jnp.asarray(cp), jnp.float32(gamma), jnp.float32(coef0),
+            jnp.float32(tol), jnp.int32(max_iter if max_iter > 0 else np.iinfo(np.int32).max),
             kernel=kernel, degree=int(degree), q=qq, max_inner=int(max_inner), chunk=chunk,
         )
         if workspace is not None:
@@ -504,6 +506,8 @@ def _check_kernel(kernel, degree):
 
 
 def _check_x(x, name="X", n_features=None) -> np.ndarray:
+    """X as a C-contiguous float32 [n, d] array (the solver's precision), after checking that it
+    is a non-empty 2-D array of finite real numbers (also after the conversion)."""
     try:
         arr = np.asarray(x)
     except Exception as e:  # ragged lists and the like
@@ -516,20 +520,39 @@ def _check_x(x, name="X", n_features=None) -> np.ndarray:
         raise ValueError(f"{name} must be 2-D [n_samples, n_features], got shape {arr.shape}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {arr.shape})")
-    arr = arr.astype(np.float64, copy=False)
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        r, col = np.argwhere(bad)[0]
-        kind = "NaN" if np.isnan(arr[r, col]) else "Inf"
-        raise ValueError(
-            f"{name} contains NaN or Inf ({int(bad.sum())} entries; first: {kind} at row {r},"
-            f" column {col})"
-        )
     if n_features is not None and arr.shape[1] != n_features:
         raise ValueError(
             f"{name} has {arr.shape[1]} features, but the model was fitted with {n_features}"
         )
-    return arr
+    x32 = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(x32).all():
+        bad = ~np.isfinite(x32)
+        r, col = np.argwhere(bad)[0]
+        v = arr[r, col]
+        kind = "NaN" if np.isnan(v) else "Inf" if np.isinf(v) else f"{v!r}, too large for float32"
+        raise ValueError(
+            f"{name} contains NaN or Inf ({int(bad.sum())} entries; first: {kind} at row {r},"
+            f" column {col})"
+        )
+    return x32
+
+
+def _variance(x, block=8192) -> float:
+    """x.var() over all entries, accumulated in float64 block by block (scikit-learn's
+    gamma='scale' uses X.var())."""
+    n = x.size
+    mean = sum(float(x[i : i + block].sum(dtype=np.float64)) for i in range(0, len(x), block)) / n
+    ss = 0.0
+    for i in range(0, len(x), block):
+        d = x[i : i + block].astype(np.float64) - mean
+        ss += float(np.einsum("ij,ij->", d, d))
+    return ss / n
+
+
+def _to_device(x32):
+    """The points and their squared norms as device arrays."""
+    xd = jnp.asarray(x32)
+    return xd, jnp.sum(xd * xd, axis=1)
 
 
 def _check_labels(y, n) -> np.ndarray:
@@ -633,13 +656,15 @@ class _BaseSVM:
             setattr(self, k, v)
         return self
 
-    def _validate(self, x):
+    def _validate(self, x, raw=None):
+        """Checks the parameters; x: float32 data, raw: the data as given (for gamma='scale',
+        computed in float64 from the caller's values, as scikit-learn)."""
         _check_kernel(self.kernel, self.degree)
         c = _positive("C", self.C)
         tol = _positive("tol", self.tol)
         if isinstance(self.gamma, str):
             if self.gamma == "scale":
-                var = float(x.var())
+                var = _variance(x if raw is None else np.asarray(raw))
                 gamma = 1.0 / (x.shape[1] * var) if var > 0 else 1.0
             elif self.gamma == "auto":
                 gamma = 1.0 / x.shape[1]
@@ -685,9 +710,12 @@ class _BaseSVM:
                 f"this {type(self).__name__} is not fitted yet; call fit(X, y) first"
             )
 
-    def _solve(self, x32, y, p, c, pidx, opts, what, workspace=None, pad_to=0):
+    def _solve(self, xd, points, y, p, c, pidx, opts, what, workspace=None, pad_to=0):
+        """xd: (all points, their squared norms) on the device."""
         t = time.perf_counter()
-        res = _Problem.solve(x32, y, p, c, pidx, workspace=workspace, pad_to=pad_to, **opts)
+        res = _Problem.solve(
+            *xd, points, y, p, c, pidx, workspace=workspace, pad_to=pad_to, **opts
+        )
         if not res["converged"]:
             warnings.warn(
                 f"{what}: the solver stopped after max_iter={opts['max_iter']} outer iterations"
@@ -771,7 +799,7 @@ class SVC(_BaseSVM):
     def fit(self, X, y):
         x = _check_x(X)
         labels = _check_labels(y, x.shape[0])
-        opts, c = self._validate(x)
+        opts, c = self._validate(x, X)
         if self.multiclass not in MULTICLASS:
             raise ValueError(f"multiclass must be 'ovo' or 'ovr', not {self.multiclass!r}")
         if self.decision_function_shape not in ("ovr", "ovo"):
@@ -783,7 +811,8 @@ class SVC(_BaseSVM):
         if len(classes) < 2:
             raise ValueError(f"need samples of at least 2 classes; y has only {classes.tolist()}")
         k = len(classes)
-        x32 = x.astype(np.float32)
+        x32 = x
+        xd = _to_device(x32)
         ovo = self.multiclass == "ovo" or k == 2
         t0 = time.perf_counter()
         problems = []  # (sample indices, +-1 labels) per binary problem
@@ -805,7 +834,7 @@ class SVC(_BaseSVM):
                 local.workspace = {}
             m = len(idx)
             res = self._solve(
-                x32[idx], yb, -np.ones(m), np.full(m, c), np.arange(m), opts,
+                xd, idx, yb, -np.ones(m), np.full(m, c), np.arange(m), opts,
                 _problem_name(classes, k, n, ovo), local.workspace, pad_to,
             )
             res["idx"], res["y"] = idx, yb
@@ -965,17 +994,18 @@ class SVR(_BaseSVM):
     def fit(self, X, y):
         x = _check_x(X)
         z = _check_targets(y, x.shape[0])
-        opts, c = self._validate(x)
+        opts, c = self._validate(x, X)
         eps = _real("epsilon", self.epsilon)
         if eps < 0:
             raise ValueError(f"epsilon must be >= 0, got {eps!r}")
         n = x.shape[0]
-        x32 = x.astype(np.float32)
+        x32 = x
         t0 = time.perf_counter()
         yv = np.concatenate([np.ones(n), -np.ones(n)])
         pv = np.concatenate([eps - z, eps + z])
         res = self._solve(
-            x32, yv, pv, np.full(2 * n, c), np.concatenate([np.arange(n)] * 2), opts, "SVR"
+            _to_device(x32), np.arange(n), yv, pv, np.full(2 * n, c),
+            np.concatenate([np.arange(n)] * 2), opts, "SVR",
         )
         self.fit_time_ = time.perf_counter() - t0
         beta = res["alpha"][:n] - res["alpha"][n:]
