@@ -22,32 +22,41 @@ Solver. Sequential minimal optimisation with large working sets, as ThunderSVM d
 (Wen et al. 2018), jit-compiled end to end (one `lax.while_loop` per binary problem):
 
 1. keep the gradient ``G = Q a + p`` of all variables (as ``f = -y G``);
-2. every outer step replaces half of a working set of ``q`` variables (default 512) by the
-   ``q/2`` most violating variables not in it (the top of ``I_up`` by ``f`` and the bottom of
-   ``I_low``), and computes their kernel rows against all training points as one matrix product
-   (``|x|^2 + |x'|^2 - 2 x . x'`` for the RBF kernel): kernel blocks are computed on the fly, never
-   the n x n matrix, so that all 60,000 Fashion-MNIST images fit in memory;
-3. solves the ``q``-variable sub-problem with libsvm's SMO (maximal violating ``i``, second-order
-   ``j``) in an inner `lax.while_loop` until its own violation drops below
-   ``max(tol, 0.1 * its initial violation)``;
-4. updates ``f`` of all variables with one more matrix-vector product;
-5. stops when the maximal KKT violation ``max_{I_up} f - min_{I_low} f`` is below ``tol``
+2. every outer step keeps the newer half of a working set of ``q`` variables (512 for
+   Fashion-MNIST's 12,000-image pairs; smaller for small problems) and adds the ``q/2`` most
+   violating variables not in it (the top of ``I_up`` by ``f`` and the bottom of ``I_low``);
+3. the ``[q, q]`` kernel among the working set is carried over from the previous step except
+   for the new half's ``[q/2, q]`` block (read from cached rows, else one small matrix product);
+4. the sub-problem is solved by libsvm's SMO (maximal violating ``i``, second-order ``j``) in an
+   inner `lax.while_loop`, until its own violation is below ``max(tol, 0.1 * its initial one)``;
+5. ``f`` of all variables is updated with the full kernel rows of the variables that moved: a
+   row is computed (64 rows at a time, one [64, d] x [d, n] matrix product, ``|x|^2 + |x'|^2 -
+   2 x . x'`` for the RBF kernel) the first time its variable moves and kept in a row cache
+   (all rows when they fit in ``cache_size`` MB, else least recently used out). Variables that
+   enter the working set but stay at 0, most of them, never cost a full row. The n x n matrix is
+   never formed, so all 60,000 Fashion-MNIST images fit in memory (one-vs-one pairs of 12,000
+   images: 600 MB of cached rows at most, per concurrent problem);
+6. stop when the maximal KKT violation ``max_{I_up} f - min_{I_low} f`` is below ``tol``
    (libsvm's criterion and default, ``tol = 1e-3``).
 
 The arithmetic is float32 (matrix products are what the CPU does fastest); ``rho``, the dual
 objective and the bookkeeping are float64 on the host, computed from the solver's float32
-gradient exactly as libsvm does from its double one.
+gradient as libsvm does from its double one. Binary problems run side by side on `n_jobs`
+threads (default: one per core), which keeps both cores busy while one problem is in its
+sequential inner loop.
 
 Multiclass: one-vs-one (libsvm's and scikit-learn's choice, the default here): k(k-1)/2 binary
 problems, each on the examples of two classes only. A kernel SVM's training cost grows faster
 than linearly with the number of examples, so 45 problems on 2/10 of Fashion-MNIST each are
-cheaper than 10 problems on all of it (`multiclass="ovr"`, also available); see
-benchmarks/results/svm_cpu.md for the measurement. Votes decide, ties go to the lower class,
-as in libsvm.
+cheaper than 10 problems on all of it (`multiclass="ovr"`, also available; each of its
+problems holds every training point, so at 60,000 images its kernel rows no longer fit a cache
+and its support vectors are more numerous); see benchmarks/results/svm_cpu.md for the
+measurement at 10,000 images. Votes decide, ties go to the lower class, as in libsvm.
 
 Attributes follow scikit-learn (`support_`, `support_vectors_`, `n_support_`, `dual_coef_`,
 `intercept_`, `classes_`, `n_iter_`, including the one-vs-one layout of `dual_coef_` and the sign
-flip of binary problems), plus `dual_objective_` and `kkt_violation_` per binary problem.
+flip of binary problems), plus `dual_objective_`, `kkt_violation_`, `n_kernel_rows_` per
+binary problem.
 """
 
 from __future__ import annotations
@@ -782,8 +791,12 @@ class SVC(_BaseSVM):
     max_iter (outer iterations per binary problem, -1 for no limit), decision_function_shape
     ("ovr" or "ovo", the shape of `decision_function` for one-vs-one models, as scikit-learn).
     Own parameters: multiclass ("ovo" trains k(k-1)/2 pairwise problems, "ovr" k
-    one-against-the-rest problems), working_set_size (q, 512), max_inner (SMO iterations per
-    sub-problem, 100 q), verbose.
+    one-against-the-rest problems), working_set_size (q, at most 512; smaller problems use
+    less), max_inner (SMO iterations per sub-problem, 100 q), cache_size (MB of kernel rows per
+    problem being solved, 1024), chunk (rows per matrix product, 64), n_jobs (binary problems
+    solved side by side, default one per CPU core), verbose (a line per binary problem).
+
+    Inputs are converted to float32; X must be finite, y integers (or integral floats).
     """
 
     def __init__(
@@ -1137,6 +1150,11 @@ def run(args=None, /, **kwargs) -> dict:
         raise TypeError(f"run() got unknown arguments {sorted(unknown)}")
     opts.update(kwargs)
     gamma = parse_gamma(opts["gamma"])
+    _check_kernel(opts["kernel"], opts["degree"])  # bad parameters fail before the data loads
+    _positive("C", opts["C"])
+    _real("coef0", opts["coef0"])
+    if opts["multiclass"] not in MULTICLASS:
+        raise ValueError(f"multiclass must be 'ovo' or 'ovr', not {opts['multiclass']!r}")
     for name in ("train_size", "test_size"):
         v = opts[name]
         if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):

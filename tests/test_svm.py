@@ -377,3 +377,34 @@ def test_max_iter_warns(binary):
     with pytest.warns(svm.ConvergenceWarning, match="max_iter=1"):
         model = svm.SVC(kernel="linear", max_iter=1, C=100).fit(*binary)
     assert model.fit_status_ == 1
+
+
+def test_run_reports_like_the_networks():
+    """train.py --model svm: the networks' summary lines and a dict of results."""
+    lines = []
+    try:
+        report = svm.run(train_size=300, test_size=200, gamma="scale", log=lines.append)
+    except Exception as e:  # no Fashion-MNIST on this machine
+        if "DataError" in type(e).__name__ or isinstance(e, FileNotFoundError):
+            pytest.skip(f"Fashion-MNIST not available: {e}")
+        raise
+    assert lines[1].startswith("loss ") and ", train acc " in lines[1] and ", test acc " in lines[1]
+    assert lines[2].endswith(f"examples/sec on {report['device']}")
+    for key in ("loss", "train_acc", "test_acc", "fit_seconds", "predict_seconds", "n_support",
+                "examples_per_sec", "dual_objective"):
+        assert key in report
+    assert report["train_examples"] == 300 and report["test_examples"] == 200
+    assert report["test_acc"] > 0.6 and report["n_support"] > 0
+
+
+def test_run_rejects_bad_parameters_before_loading():
+    with pytest.raises(ValueError, match="unknown kernel"):
+        svm.run(kernel="gauss", data_dir="/nonexistent")
+    with pytest.raises(ValueError, match="C must be"):
+        svm.run(C=-1, data_dir="/nonexistent")
+    with pytest.raises(ValueError, match="gamma must be"):
+        svm.run(gamma="wide", data_dir="/nonexistent")
+    with pytest.raises(ValueError, match="train_size must be"):
+        svm.run(train_size=0, data_dir="/nonexistent")
+    with pytest.raises(TypeError, match="unknown arguments"):
+        svm.run(kernal="rbf")
