@@ -3,6 +3,11 @@
 With no flags this is the book's `train_ch6` with its recipe for the model (lr, batch size,
 epochs, input side, plain SGD, Xavier init). `--model all` trains every network in turn and ends
 with a table beside the book's numbers. The work lives in `flaxcnn.trainer`; this is its CLI.
+
+Data parallel: `--devices N|all` (one process, several devices), and several processes with
+`--coordinator HOST:PORT --num-processes N --process-id I` (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID; `--coordinator auto` for Slurm/Open MPI detection), every
+process running the same command. See `flaxcnn.trainer` and `flaxcnn.distributed`.
 """
 
 import argparse
@@ -44,8 +49,26 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype; parameters, BN statistics and loss stay float32")
     p.add_argument("--devices", default=None,
-                   help="data-parallel over N local devices, or 'all' (default: all)")
+                   help="data-parallel over N devices of each process, or 'all' (default: "
+                        "all); the batch size is the global batch, split across them")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dist = p.add_argument_group(
+        "several processes (hosts)",
+        "Run the same command in every process, each with its own --process-id. Process 0 "
+        "hosts the coordinator and alone writes logs, metrics, plots and the report; the "
+        "--workdir must be one shared directory, which every process checkpoints into.")
+    dist.add_argument("--coordinator", metavar="HOST:PORT",
+                      help="address of process 0 (default: JAX_COORDINATOR_ADDRESS); 'auto' "
+                           "lets JAX detect Slurm, Open MPI and other cluster environments")
+    dist.add_argument("--num-processes", type=int, metavar="N",
+                      help="number of processes (default: JAX_NUM_PROCESSES)")
+    dist.add_argument("--process-id", type=int, metavar="I",
+                      help="this process, 0..N-1 (default: JAX_PROCESS_ID)")
+    dist.add_argument("--heartbeat-timeout", type=int, metavar="S",
+                      help="seconds after which a silent process counts as dead and the "
+                           "others stop with exit status 4 (default: 100)")
+    dist.add_argument("--init-timeout", type=int, metavar="S",
+                      help="seconds to wait for all processes to connect (default: 300)")
     svm = p.add_argument_group("svm (with --model svm)")
     svm.add_argument("--kernel", default="rbf", help="linear, poly, rbf or sigmoid")
     svm.add_argument("--C", type=float, default=10.0, help="penalty C")
@@ -97,6 +120,19 @@ def book_table(reports):
 
 def main(argv=None):
     parser, args = parse_args(argv)
+    from flaxcnn import distributed
+
+    try:  # before anything starts a JAX backend
+        distributed.initialize(
+            args.coordinator, args.num_processes, args.process_id,
+            heartbeat_timeout=args.heartbeat_timeout or distributed.DEFAULT_HEARTBEAT_TIMEOUT,
+            init_timeout=args.init_timeout or distributed.DEFAULT_INIT_TIMEOUT,
+        )
+    except distributed.SettingsError as e:
+        parser.error(str(e))
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if args.model == "svm":
         from flaxcnn import svm
 
@@ -131,6 +167,10 @@ def main(argv=None):
         except trainer.Interrupted as e:
             print(str(e), file=sys.stderr)
             return 128 + e.signum
+        except Exception as e:
+            if distributed.is_peer_failure(e):  # a collective failed: another process is gone
+                distributed.exit_peer_lost(e)
+            raise
     if len(reports) > 1:
         print()
         print(book_table(reports))

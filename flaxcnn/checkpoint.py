@@ -34,7 +34,10 @@ class Checkpointer:
         )
 
     def save(self, state: TrainState, meta: dict):
-        step = int(jax.device_get(state.step))
+        step = state.step
+        if isinstance(step, jax.Array):  # replicated: with several processes, read a local copy
+            step = step.addressable_data(0)
+        step = int(step)
         if step in self.manager.all_steps():
             # The same step saved twice (e.g. a signal right at an epoch end): keep the first.
             return

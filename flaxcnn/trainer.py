@@ -4,6 +4,14 @@
 each epoch's order from (seed, epoch), resizes batches inside the jitted step, accumulates the
 metrics on the device, evaluates every test example once, and checkpoints with orbax at every
 epoch end and on SIGINT/SIGTERM, so that `resume=True` continues bit-identically.
+
+Data parallelism is `jax.jit` over a one-axis `Mesh` named `data`: the train state is replicated,
+each batch's indices are sharded along `data`, and XLA partitions the step (GSPMD). Every
+reduction over the batch spans the whole global batch, so BatchNorm normalises with the global
+batch's statistics: PyTorch's `SyncBatchNorm`, not plain DDP's per-GPU statistics; the results
+equal one device's up to float rounding. The same program runs over the devices of several
+processes after `flaxcnn.distributed.initialize`; then only process 0 writes logs, metrics,
+plots and the report, and every process takes part in each checkpoint.
 """
 
 import dataclasses
@@ -129,25 +137,64 @@ def device_label(device) -> str:
     return f"{device.platform}:{device.id}"
 
 
+def select_devices(n: int | None) -> list:
+    """The first `n` devices of every process (all of them for None or 0), process by process.
+
+    With one process these are its first `n` devices; with several, `--devices N` means N
+    devices of each process, and the mesh spans N x processes devices.
+    """
+    by_process: dict[int, list] = {}
+    for d in jax.devices():
+        by_process.setdefault(d.process_index, []).append(d)
+    available = min(len(ds) for ds in by_process.values())
+    per = available if n in (None, 0) else n
+    if per > available:
+        where = " to each process" if len(by_process) > 1 else ""
+        raise UsageError(f"--devices {n}: only {available} devices are visible{where}")
+    return [d for p in sorted(by_process) for d in by_process[p][:per]]
+
+
+def host(tree):
+    """Host (numpy) copies of replicated arrays, also when other processes hold replicas too
+    (`jax.device_get` needs fully addressable arrays; a replicated one is whole on every device,
+    so this process's first shard is the value)."""
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree_util.tree_map(get, tree)
+
+
 # ----------------------------------------------------------------------------------------------
 # The jitted functions: one train step on device-resident data, one eval step.
 
 
-def _data_train_step(state, acc, images, labels, idx, *, side):
+def _data_train_step(state, acc, images, labels, idx, *, side, batch_sharding=None):
     """Gathers the batch `idx` from the device-resident split, resizes it, trains one step and
     adds its metrics to `acc`; `acc["bad_step"]` keeps the first step whose loss was not
-    finite (-1 while all were)."""
-    x = data.to_float(images[idx], side)
-    state, m = train_step(state, x, labels[idx])
+    finite (-1 while all were).
+
+    `batch_sharding` pins the batch to the devices along `data`: each device gathers and
+    resizes only its own examples from its replica of the split."""
+    x, y = data.to_float(images[idx], side), labels[idx]
+    if batch_sharding is not None:
+        x = jax.lax.with_sharding_constraint(x, batch_sharding)
+        y = jax.lax.with_sharding_constraint(y, batch_sharding)
+    state, m = train_step(state, x, y)
     bad = ~jnp.isfinite(m["loss"])
     first_bad = jnp.where((acc["bad_step"] < 0) & bad, state.step - 1, acc["bad_step"])
     acc = {**add_metrics({k: acc[k] for k in m}, m), "bad_step": first_bad}
     return state, acc
 
 
-def _data_eval_step(state, acc, images, labels, idx, mask, *, side):
-    x = data.to_float(images[idx], side)
-    return add_metrics(acc, eval_step(state, x, labels[idx], mask))
+def _data_eval_step(state, acc, images, labels, idx, mask, *, side, batch_sharding=None):
+    x, y = data.to_float(images[idx], side), labels[idx]
+    if batch_sharding is not None:
+        x = jax.lax.with_sharding_constraint(x, batch_sharding)
+        y = jax.lax.with_sharding_constraint(y, batch_sharding)
+    return add_metrics(acc, eval_step(state, x, y, mask))
 
 
 def _train_acc():
@@ -191,8 +238,20 @@ def _progress(total, initial, desc, enabled):
                 leave=False, file=sys.stderr)
 
 
+def _agreed_signal(signum):
+    """The signal any process has received (None if none): every process must stop and save
+    at the same step, or the checkpoint's collective writes would wait for each other."""
+    if jax.process_count() == 1:
+        return signum
+    from jax.experimental import multihost_utils
+
+    got = np.asarray(multihost_utils.process_allgather(np.int32(signum or 0))).ravel()
+    received = [int(s) for s in got if s]
+    return received[0] if received else None
+
+
 def _metrics_host(acc):
-    acc = jax.device_get(acc)
+    acc = host(acc)
     n = max(int(acc["count"]), 1)
     return float(acc["loss"]) / n, float(acc["correct"]) / n, int(acc["count"])
 
@@ -204,18 +263,36 @@ class Run:
         self.cfg = cfg
         self.log = log
         self.model = build_model(cfg)
-        devices = jax.devices()
-        n = len(devices) if cfg.devices in (None, 0) else cfg.devices
-        if n > len(devices):
-            raise UsageError(f"--devices {n}: only {len(devices)} devices are visible")
-        self.devices = devices[:n]
+        self.devices = select_devices(cfg.devices)
+        n = len(self.devices)
         if cfg.batch_size % n:
-            raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the "
-                             f"{n} devices")
+            raise UsageError(f"--batch-size {cfg.batch_size} (the global batch) must be a "
+                             f"multiple of the {n} devices")
         self.mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharded = NamedSharding(self.mesh, P("data"))
         self.is_main = jax.process_index() == 0
+        self.processes = jax.process_count()
+
+    def put(self, tree):
+        """Replicated global arrays from host values every process holds alike."""
+        return jax.tree_util.tree_map(lambda x: self._global(np.asarray(x)), tree)
+
+    def init_state(self, tx):
+        """The initial train state, created replicated by one jitted computation (every process
+        computes the same values from the seed; nothing crosses the network)."""
+        cfg = self.cfg
+        make = jax.jit(lambda: create_train_state(self.model, jax.random.key(cfg.seed),
+                                                  cfg.side, tx),
+                       out_shardings=self.replicated)
+        return make()
+
+    def label(self) -> str:
+        label = device_label(self.devices[0])
+        if len(self.devices) > 1:
+            label += f" (x{len(self.devices)}"
+            label += f", {self.processes} processes)" if self.processes > 1 else ")"
+        return label
 
     # -- data ------------------------------------------------------------------------------
     def load_data(self):
@@ -257,19 +334,21 @@ class Run:
                           self.batch_sharded),
             out_shardings=(self.replicated, self.replicated),
         )
+        constraint = self.batch_sharded if n_dev > 1 else None
+        acc = self._abstract(jax.eval_shape(_train_acc))
 
         def jit_train(bs):
-            f = jax.jit(lambda s, a, im, lb, idx: _data_train_step(s, a, im, lb, idx,
-                                                                   side=cfg.side),
+            f = jax.jit(lambda s, a, im, lb, idx: _data_train_step(
+                            s, a, im, lb, idx, side=cfg.side, batch_sharding=constraint),
                         donate_argnums=(0, 1), **shardings)
             idx = jax.ShapeDtypeStruct((bs,), jnp.int32, sharding=self.batch_sharded)
-            return f.lower(state, _train_acc(), self.train_images, self.train_labels,
-                           idx).compile()
+            return f.lower(state, acc, self.train_images, self.train_labels, idx).compile()
 
         self.train_full = jit_train(self.train_bs)
         self.train_rest = jit_train(self.rest_bs) if self.rest_bs else None
         self._eval_jit = jax.jit(
-            lambda s, a, im, lb, idx, m: _data_eval_step(s, a, im, lb, idx, m, side=cfg.side),
+            lambda s, a, im, lb, idx, m: _data_eval_step(s, a, im, lb, idx, m, side=cfg.side,
+                                                         batch_sharding=constraint),
             donate_argnums=(1,),
             in_shardings=(self.replicated,) * 4 + (self.batch_sharded,) * 2,
             out_shardings=self.replicated,
@@ -278,6 +357,10 @@ class Run:
         self._eval_for(state, self.test_images, self.test_labels)
         self.compile_seconds = time.perf_counter() - t0
 
+    def _abstract(self, shapes):
+        return jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated), shapes)
+
     # -- evaluation ------------------------------------------------------------------------
     def _eval_for(self, state, images, labels):
         """The eval step compiled for a split's shape (the test split's is built up front)."""
@@ -285,20 +368,21 @@ class Run:
         if key not in self._eval_compiled:
             idx = jax.ShapeDtypeStruct((self.eval_bs,), jnp.int32, sharding=self.batch_sharded)
             mask = jax.ShapeDtypeStruct((self.eval_bs,), jnp.bool_, sharding=self.batch_sharded)
+            acc = self._abstract(jax.eval_shape(zero_metrics))
             self._eval_compiled[key] = self._eval_jit.lower(
-                state, zero_metrics(), images, labels, idx, mask).compile()
+                state, acc, images, labels, idx, mask).compile()
         return self._eval_compiled[key]
 
     def evaluate(self, state, images, labels):
-        """Eval-mode loss and accuracy over every example exactly once (padded, masked)."""
+        """Eval-mode (loss, accuracy, count) over every example exactly once: the batches are
+        padded to a multiple of the device count and the padding is masked out."""
         idx, mask = data.eval_batches(labels.shape[0], self.eval_bs)
         idx, mask = np.asarray(idx, np.int32), np.asarray(mask, bool)
         step = self._eval_for(state, images, labels)
-        acc = jax.device_put(zero_metrics(), self.replicated)
+        acc = self.put(zero_metrics())
         for i in range(idx.shape[0]):
-            acc = step(state, acc, images, labels,
-                                     self._global(idx[i], self.batch_sharded),
-                                     self._global(mask[i], self.batch_sharded))
+            acc = step(state, acc, images, labels, self._global(idx[i], self.batch_sharded),
+                       self._global(mask[i], self.batch_sharded))
         return _metrics_host(acc)
 
 
@@ -311,13 +395,15 @@ def fit(cfg: Config, log=print) -> dict:
     cfg = cfg.resolved()
     run = Run(cfg, log)
     is_main = run.is_main
+    if not is_main:  # one log for the whole run: process 0's
+        def log(*args, **kwargs):
+            return None
     if is_main:
         check_workdir(cfg.workdir)
     t_start = time.perf_counter()
     run.load_data()
     tx = sgd(cfg.lr, cfg.momentum, cfg.weight_decay)
-    state = create_train_state(run.model, jax.random.key(cfg.seed), cfg.side, tx)
-    state = jax.device_put(state, run.replicated)
+    state = run.init_state(tx)
     ckpt = Checkpointer(os.path.join(cfg.workdir, "checkpoints")) if cfg.checkpoint else None
 
     start_epoch, start_batch, history, resumed_acc, train_seconds = 0, 0, [], None, 0.0
@@ -345,13 +431,12 @@ def fit(cfg: Config, log=print) -> dict:
             with open(metrics_path, "w") as f:
                 for h in history:
                     f.write(json.dumps({k: v for k, v in h.items() if k != "curve"}) + "\n")
-        log(f"resumed from step {int(state.step)}: epoch {start_epoch + 1}, batch {start_batch}")
+        log(f"resumed from step {int(host(state.step))}: epoch {start_epoch + 1}, batch "
+            f"{start_batch}")
 
     run.compile(state)
     n_train = int(run.train_labels.shape[0])
-    device = device_label(run.devices[0])
-    if len(run.devices) > 1:
-        device += f" (x{len(run.devices)})"
+    device = run.label()
     log(f"{cfg.model}: {n_train} training examples, side {cfg.side}, batch {run.train_bs}, "
         f"lr {cfg.lr}, {cfg.epochs} epochs on {device}; compiled in {run.compile_seconds:.1f} s")
 
@@ -368,10 +453,10 @@ def fit(cfg: Config, log=print) -> dict:
                 batches.append(np.asarray(rest, np.int32)[: run.rest_bs])
             nb = len(batches)
             first = start_batch if epoch == start_epoch else 0
-            acc = _train_acc()
+            acc = host(_train_acc())
             if first and resumed_acc is not None:
-                acc = {k: jnp.asarray(v, acc[k].dtype) for k, v in resumed_acc.items()}
-            acc = jax.device_put(acc, run.replicated)
+                acc = {k: np.asarray(v, acc[k].dtype) for k, v in resumed_acc.items()}
+            acc = run.put(acc)
             bar = _progress(nb, first, f"epoch {epoch + 1}/{cfg.epochs}",
                             cfg.progress and is_main)
             marks = {max(1, (nb * j) // 5) for j in range(1, 6)}
@@ -383,9 +468,14 @@ def fit(cfg: Config, log=print) -> dict:
                                      run._global(batches[i], run.batch_sharded))
                 if bar is not None:
                     bar.update(1)
-                if i + 1 in marks or guard.signum is not None:
+                # One process checks for a signal after every step; several agree on one at
+                # the marks (a collective), so that all of them stop at the same step.
+                signum = guard.signum if run.processes == 1 else None
+                if i + 1 in marks or signum is not None:
+                    if run.processes > 1:
+                        signum = _agreed_signal(guard.signum)
                     loss, tacc, _ = _metrics_host(acc)
-                    bad = int(jax.device_get(acc["bad_step"]))
+                    bad = int(host(acc["bad_step"]))
                     if bad >= 0:
                         if bar is not None:
                             bar.close()
@@ -397,7 +487,7 @@ def fit(cfg: Config, log=print) -> dict:
                     epoch_curve.append((epoch + (i + 1) / nb, loss, tacc))
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{tacc:.3f}")
-                if guard.signum is not None:
+                if signum is not None:
                     jax.block_until_ready(state)
                     train_seconds += time.perf_counter() - t0
                     if bar is not None:
@@ -406,9 +496,9 @@ def fit(cfg: Config, log=print) -> dict:
                         ckpt.save(state, _meta(cfg, epoch, i + 1, history, acc,
                                                train_seconds))
                         ckpt.wait()
-                    name = signal.Signals(guard.signum).name
+                    name = signal.Signals(signum).name
                     raise Interrupted(
-                        guard.signum,
+                        signum,
                         f"{name}: saved a checkpoint at epoch {epoch + 1}, batch {i + 1} of {nb}"
                         f" in {cfg.workdir}/checkpoints; continue with --resume",
                     )
@@ -420,14 +510,15 @@ def fit(cfg: Config, log=print) -> dict:
             loss, tacc, count = _metrics_host(acc)
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"loss is not finite at epoch {epoch + 1}")
-            _, test_acc, _ = run.evaluate(state, run.test_images, run.test_labels)
+            _, test_acc, test_count = run.evaluate(state, run.test_images, run.test_labels)
             trained = count - (int(resumed_acc["count"]) if first and resumed_acc else 0)
             record = {
                 "epoch": epoch + 1,
-                "step": int(jax.device_get(state.step)),
+                "step": int(host(state.step)),
                 "loss": loss,
                 "train_acc": tacc,
                 "test_acc": test_acc,
+                "test_examples": test_count,
                 "examples_per_sec": trained / epoch_seconds if epoch_seconds else 0.0,
                 "epoch_seconds": epoch_seconds,
                 "curve": epoch_curve,
@@ -459,6 +550,9 @@ def fit(cfg: Config, log=print) -> dict:
         "clean_train_acc": clean_train_acc,
         "examples_per_sec": per_epoch * cfg.epochs / train_seconds if train_seconds else 0.0,
         "device": device,
+        "devices": len(run.devices),
+        "processes": run.processes,
+        "test_examples": last.get("test_examples"),
         "train_seconds": train_seconds,
         "compile_seconds": run.compile_seconds,
         "data_seconds": run.data_seconds,
@@ -496,7 +590,7 @@ def _meta(cfg, epoch, next_batch, history, acc, train_seconds):
         "train_seconds": train_seconds,
     }
     if acc is not None:
-        acc = jax.device_get(acc)
+        acc = host(acc)
         meta["acc"] = {k: float(v) if k == "loss" else int(v) for k, v in acc.items()}
     return meta
 
