@@ -408,3 +408,29 @@ def test_run_rejects_bad_parameters_before_loading():
         svm.run(train_size=0, data_dir="/nonexistent")
     with pytest.raises(TypeError, match="unknown arguments"):
         svm.run(kernal="rbf")
+
+
+def test_integer_grid_kernel_is_exact(fashion_pair):
+    """8-bit images: the RBF kernel from the integer pixels has no cancellation error."""
+    x, _ = fashion_pair
+    grid = svm._integer_grid(x.astype(np.float32))
+    assert grid == (255.0, 128.0)
+    k = svm._on_grid(x.astype(np.float32), grid)
+    assert np.abs(k).max() <= 128 and np.array_equal(k, np.rint(x * 255) - 128)
+    gamma = 1 / (784 * x.var())
+    exact = pairwise_kernels(x, x, metric="rbf", gamma=gamma)
+    from_grid = np.asarray(svm.kernel_matrix(k, k, "rbf", gamma / 255**2), np.float64)
+    assert np.abs(from_grid - exact).max() <= 1e-6
+    assert svm._on_grid(x + 0.3 / 255, grid) is None  # off the grid
+    assert svm._integer_grid(x.astype(np.float32) * 0.9) is None
+
+
+def test_predict_off_the_grid(fashion_pair):
+    """A model trained on 8-bit images predicts other inputs through the plain float path."""
+    x, y = fashion_pair
+    model = svm.SVC(C=10).fit(x, y)
+    assert model._grid is not None
+    shifted = x + 1e-5  # off the grid: the float32 formula
+    np.testing.assert_allclose(
+        model.decision_function(shifted), model.decision_function(x), atol=1e-3
+    )
