@@ -177,7 +177,7 @@ def bench(impl, size, args) -> dict:
         res["cache_size_mb"] = args.sklearn_cache
     else:
         res["cache_size_mb"] = args.cache
-        res["working_set_size"] = args.q
+        res["working_set_size"] = int(model.working_set_size_)
         res["outer_iterations"] = int(model.n_iter_.sum())
         res["max_kkt_violation"] = float(model.kkt_violation_.max())
     if impl != "jax-ovr" and not args.no_objectives:
