@@ -304,10 +304,18 @@ class Run:
                                              manual_dir=cfg.manual_dir)
             if size is not None:
                 images, labels = images[:size], labels[:size]
-            splits[split] = (self._global(images), self._global(labels.astype(np.int32)))
-        self.train_images, self.train_labels = splits["train"]
-        self.test_images, self.test_labels = splits["test"]
+            splits[split] = (images, labels)
+        self.set_data(splits["train"], splits["test"])
         self.data_seconds = time.perf_counter() - t0
+
+    def set_data(self, train, test):
+        """Puts (uint8 images [N, H, W, 1], labels [N]) host arrays, the same in every process,
+        on every device of the mesh (benchmarks pass synthetic ones)."""
+        self.train_images, self.train_labels = (self._global(np.asarray(train[0], np.uint8)),
+                                                self._global(np.asarray(train[1], np.int32)))
+        self.test_images, self.test_labels = (self._global(np.asarray(test[0], np.uint8)),
+                                              self._global(np.asarray(test[1], np.int32)))
+        self.data_seconds = 0.0
 
     def _global(self, host, sharding=None):
         """A global array from a host array every process holds in full; each process
@@ -525,15 +533,20 @@ def fit(cfg: Config, log=print) -> dict:
             }
             history.append(record)
             curve.extend(epoch_curve)
+            if ckpt is not None:  # written in the background while the plot is drawn
+                ckpt.save(state, _meta(cfg, epoch + 1, 0, history, None, train_seconds))
+            if is_main:
+                _plot(os.path.join(cfg.workdir, "curves.png"), cfg.model, curve, history)
+            if ckpt is not None:
+                # An epoch's line in metrics.jsonl promises its checkpoint is on disk, so a
+                # run killed after the line resumes after that epoch.
+                ckpt.wait()
             if is_main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps({k: v for k, v in record.items() if k != "curve"}) + "\n")
-                _plot(os.path.join(cfg.workdir, "curves.png"), cfg.model, curve, history)
                 log(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss:.3f}, train acc {tacc:.3f}, "
                     f"test acc {test_acc:.3f}, {record['examples_per_sec']:.1f} examples/sec "
                     f"on {device}")
-            if ckpt is not None:
-                ckpt.save(state, _meta(cfg, epoch + 1, 0, history, None, train_seconds))
             resumed_acc = None
 
     if ckpt is not None:
