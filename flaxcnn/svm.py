@@ -42,11 +42,13 @@ Solver. Sequential minimal optimisation with large working sets, as ThunderSVM d
 The arithmetic is float32 (matrix products are what the CPU does fastest); ``rho``, the dual
 objective and the bookkeeping are float64 on the host, computed from the solver's float32
 gradient as libsvm does from its double one. Two cares keep float32 honest about ``tol``: at
-convergence the gradient is recomputed from the coefficients (the incremental updates drift by
-~1e-4) and the solver goes on if the recomputed violation exceeds ``tol`` (up to two times);
-and on 8-bit images (values k/255, as Fashion-MNIST) the RBF kernel is computed from the
-integers k - 128, whose dot products float32 gets exactly, removing the cancellation error of
-``|x|^2 + |x'|^2 - 2 x . x'`` (1e-5 of a kernel value otherwise, 4e-7 so).
+convergence the gradient is recomputed from the coefficients, summed in float64 (the
+incremental float32 updates drift by up to ~1e-3 on Fashion-MNIST's largest problems, where
+terms of +-5,000 cancel), and the solver resumes from it while that violation exceeds ``tol``
+(up to 3 times); and on 8-bit images (values k/255, as Fashion-MNIST) the RBF kernel is
+computed from the integers k - 128, whose dot products float32 gets exactly, removing the
+cancellation error of ``|x|^2 + |x'|^2 - 2 x . x'`` (1e-5 of a kernel value otherwise, 4e-7
+so).
 
 Binary problems run side by side on `n_jobs` threads (default: one per core), which keeps both
 cores busy while one problem is in its sequential inner loop.
@@ -91,7 +93,8 @@ _LOCAL_FACTOR = 0.1
 _TAIL = 16  # kernel rows are computed `chunk` at a time, the last few _TAIL at a time
 _GEMV = 64  # gradient updates read the changed kernel rows _GEMV at a time
 _BLOCK = 32  # uncached kernel rows among the working set are computed _BLOCK at a time
-_REFRESHES = 3  # rounds of solving, each but the last followed by recomputing the gradient
+_REFRESHES = 3  # times the solver resumes after a float64 gradient showed it had not converged
+_HOST_GRADIENT = 2e7  # float64 gradients of at most this many multiply-adds: on the host
 _BUCKET_STEPS = 8  # sizes are padded up to one of 8 steps per power of two (<= 12.5% padding)
 
 
@@ -244,10 +247,13 @@ def _fetch(cache, slot_of, owner, stamp, it, pts, want, x, sq, gamma, coef0, *, 
     if full:
         victims = todo_pts
     else:
-        # keep the wanted rows already cached (stamp them now), evict the oldest others
+        # keep the wanted rows already cached, evict the least recently used others (rows >= 2k
+        # leaves at least k candidates)
         cached = want & (slot_of[pts] >= 0)
-        stamp = stamp.at[jnp.where(cached, slot_of[pts], rows)].set(it, mode="drop")
-        _, victims = lax.top_k(-stamp, k)
+        keep = jnp.where(cached, slot_of[pts], rows)
+        stamp = stamp.at[keep].set(it, mode="drop")
+        key = (-stamp).at[keep].set(jnp.iinfo(jnp.int32).min, mode="drop")
+        _, victims = lax.top_k(key, k)
         victims = jnp.full(k_pad, rows, jnp.int32).at[:k].set(victims.astype(jnp.int32))
 
     def compute(start, size, cache, slot_of, owner):
@@ -330,47 +336,47 @@ def _new_block(cache, slot_of, pts, valid, x, sq, kern):
     return k
 
 
-@partial(
-    jax.jit, static_argnames=("kernel", "degree", "q", "max_inner", "chunk"), donate_argnums=(0,)
-)
-def _solve(
-    cache, x_all, sq_all, points, pidx, y, p, c, gamma, coef0, tol, max_outer, *, kernel, degree,
-    q, max_inner, chunk,
-):
-    """Solve one dual problem on the points x_all[points] ([n, d]; sq_all: squared norms).
-    pidx: [m] the point (in 0..n-1) of each variable; y, p, c: [m] sign, linear term and upper
-    bound (c = 0 marks padding).
+# The solver's state, a tuple of device arrays (positions below).
+IT, N_INNER, N_ROWS, ALPHA, F, WS, VALID, KBB, CACHE, SLOT_OF, OWNER, STAMP, GAP = range(13)
 
-    Each outer step: keep the newer half of the working set, add the q/2 most violating
-    variables not in it (as ThunderSVM), compute the kernel between the new ones and the
-    working set ([q/2, q], one small matrix product; the rest of the [q, q] block is carried
-    over), solve the sub-problem, and update all gradients with the full kernel rows of the
-    variables that changed, computed when they are not cached yet. Variables that enter the
-    working set but do not move never cost a full row.
 
-    cache: [rows, n] float32 buffer for kernel rows (see `_fetch`), donated and returned so that
-    the next problem of the same shape reuses it; its contents are never read before written.
-    Returns (cache, alpha, f = -y G, outer iterations, inner iterations, final violation,
-    kernel rows computed)."""
-    x, sq = x_all[points], sq_all[points]
+def _init_state(cache, y, p, q):
+    """alpha = 0, f = -y G = -y p, an empty working set; the kernel-row cache (see `_fetch`)."""
+    rows, n = cache.shape
     m = y.shape[0]
-    n = x.shape[0]
-    rows = cache.shape[0]
-    h = q // 2
     small = 1 if rows >= n else rows
-    kern = partial(_kernel_block, gamma=gamma, coef0=coef0, kernel=kernel, degree=degree)
-    state = (
-        jnp.int32(0), jnp.int32(0), jnp.int32(0),
-        jnp.zeros(m, jnp.float32), -y * p,  # alpha = 0, f = -y G = -y p
-        jnp.zeros(q, jnp.int32), jnp.zeros(q, bool),  # the working set starts empty
-        jnp.zeros((q, q), jnp.float32),  # the kernel among the working set
+    return (
+        jnp.int32(0), jnp.int32(0), jnp.int32(0), jnp.zeros(m, jnp.float32), -y * p,
+        jnp.zeros(q, jnp.int32), jnp.zeros(q, bool), jnp.zeros((q, q), jnp.float32),
         cache, jnp.full(n, -1, jnp.int32), jnp.full(small, -1, jnp.int32),
         jnp.full(small, -1, jnp.int32), jnp.float32(jnp.inf),
     )
 
+
+@partial(jax.jit, static_argnames=("kernel", "degree", "max_inner", "chunk"), donate_argnums=(0,))
+def _solve(
+    state, x_all, sq_all, points, pidx, y, c, gamma, coef0, tol, max_outer, *, kernel, degree,
+    max_inner, chunk,
+):
+    """Outer steps until the maximal KKT violation (from the state's f) is below tol.
+
+    Works on the points x_all[points] ([n, d]; sq_all: squared norms). pidx: [m] the point
+    (0..n-1) of each variable; y, c: [m] sign and upper bound (c = 0 marks padding).
+
+    Each outer step: keep the newer half of the working set, add the q/2 most violating
+    variables not in it (as ThunderSVM), compute the kernel between the new ones and the
+    working set ([q/2, q]; the rest of the [q, q] block is carried over), solve the sub-problem,
+    and update all gradients with the full kernel rows of the variables that changed, computed
+    when they are not cached yet. Variables that enter the working set but do not move never
+    cost a full row. The state (with its cache) is donated and returned."""
+    x, sq = x_all[points], sq_all[points]
+    m = y.shape[0]
+    q = state[WS].shape[0]
+    h = q // 2
+    kern = partial(_kernel_block, gamma=gamma, coef0=coef0, kernel=kernel, degree=degree)
+
     def cond(s):
-        it, gap = s[0], s[-1]
-        return (gap > tol) & (it < max_outer)
+        return (s[GAP] > tol) & (s[IT] < max_outer)
 
     def body(s):
         it, n_inner, n_rows, alpha, f, ws, valid, kbb, cache, slot_of, owner, stamp, _ = s
@@ -405,53 +411,30 @@ def _solve(
             owner, stamp, _violation(f, alpha, y, c),
         )
 
-    def refresh(s):
-        """Recompute f from alpha (float32 drift of the incremental updates), q variables'
-        kernel rows at a time; the KKT violation with it."""
-        it, n_inner, n_rows, alpha, f, ws, valid, kbb, cache, slot_of, owner, stamp, _ = s
-        nonzero = alpha != 0
-        n_nz = jnp.sum(nonzero.astype(jnp.int32))
-        m_pad = -(-m // q) * q
-        order = jnp.full(m_pad, m, jnp.int32).at[:m].set(
-            jnp.argsort(~nonzero, stable=True).astype(jnp.int32)
-        )
+    return lax.while_loop(cond, body, state)
 
-        def block(t):
-            b, v, n_rows, cache, slot_of, owner, stamp = t
-            var = lax.dynamic_slice(order, (b,), (q,))
-            want = b + jnp.arange(q) < n_nz
-            var = jnp.where(want, var, 0)
-            cache, slot_of, owner, stamp, slots, n_new = _fetch(
-                cache, slot_of, owner, stamp, it, pidx[var], want, x, sq, gamma, coef0,
-                kernel=kernel, degree=degree, chunk=chunk,
-            )
-            coef = jnp.where(want, y[var] * alpha[var], 0.0)
-            v = v + _gradient_change(cache, slots, coef, jnp.minimum(n_nz - b, q))
-            return b + q, v, n_rows + n_new, cache, slot_of, owner, stamp
 
-        _, v, n_rows, cache, slot_of, owner, stamp = lax.while_loop(
-            lambda t: t[0] < n_nz, block,
-            (jnp.int32(0), jnp.zeros(n, jnp.float32), n_rows, cache, slot_of, owner, stamp),
-        )
-        f = -y * p - v[pidx]
-        return (
-            it, n_inner, n_rows, alpha, f, ws, valid, kbb, cache, slot_of, owner, stamp,
-            _violation(f, alpha, y, c),
-        )
+@partial(jax.jit, static_argnames=("kernel", "degree", "chunk"), donate_argnums=(0,))
+def _rows(state, x_all, sq_all, points, pts, want, gamma, coef0, *, kernel, degree, chunk):
+    """The kernel rows [k, n] of the points pts[want] (zeros for the others), from the cache or
+    computed into it. Returns (state, rows)."""
+    x, sq = x_all[points], sq_all[points]
+    s = list(state)
+    s[CACHE], s[SLOT_OF], s[OWNER], s[STAMP], slots, n_new = _fetch(
+        s[CACHE], s[SLOT_OF], s[OWNER], s[STAMP], s[IT], pts, want, x, sq, gamma, coef0,
+        kernel=kernel, degree=degree, chunk=chunk,
+    )
+    s[N_ROWS] = s[N_ROWS] + n_new
+    return tuple(s), jnp.where(want[:, None], s[CACHE][slots], 0.0)
 
-    def round_cond(t):
-        s, r = t
-        return (s[-1] > tol) & (s[0] < max_outer) & (r < _REFRESHES)
 
-    def round_body(t):  # solve until the incremental f says converged, then refresh f
-        s, r = t
-        s = lax.while_loop(cond, body, s)
-        # the last round keeps the incremental f: f32 cannot always resolve tol from scratch
-        return lax.cond(r + 1 < _REFRESHES, refresh, lambda s: s, s), r + 1
-
-    s, _ = lax.while_loop(round_cond, round_body, (state, jnp.int32(0)))
-    it, n_inner, n_rows, alpha, f, _, _, _, cache, _, _, _, gap = s
-    return cache, alpha, f, it, n_inner, gap, n_rows
+@partial(jax.jit, donate_argnums=(0,))
+def _set_gradient(state, f, y, c):
+    """Replace the state's f (and its violation)."""
+    s = list(state)
+    s[F] = f
+    s[GAP] = _violation(f, s[ALPHA], y, c)
+    return tuple(s)
 
 
 def _bucket(n: int, minimum: int = 64) -> int:
@@ -476,12 +459,12 @@ class _Problem:
 
     @staticmethod
     def solve(
-        x_all, sq_all, points, y, p, c, pidx, *, kernel, gamma, coef0, degree, tol, max_iter, q,
-        max_inner, cache_size, chunk, workspace=None, pad_to=0,
+        x_host, x_all, sq_all, points, y, p, c, pidx, *, kernel, gamma, coef0, degree, tol,
+        max_iter, q, max_inner, cache_size, chunk, workspace=None, pad_to=0,
     ):
-        """x_all, sq_all: all points and their squared norms, on the device; points: [n] the
-        problem's points among them; y, p, c: [m] float64; pidx: [m] int, the point (0..n-1) of
-        each variable.
+        """x_host: all points (float32, host); x_all, sq_all: the same and their squared norms
+        on the device; points: [n] the problem's points among them; y, p, c: [m] float64;
+        pidx: [m] int, the point (0..n-1) of each variable.
 
         workspace: a dict holding the kernel-row buffer between calls (reused when the next
         problem has the same shape), or None. pad_to: pad to the size of a problem this large
@@ -509,31 +492,97 @@ class _Problem:
         cache = workspace.pop((rows, n_pad), None) if workspace is not None else None
         if cache is None:
             cache = jnp.zeros((rows, n_pad), jnp.float32)
-        cache, alpha, f, it, n_inner, gap, n_rows = _solve(
-            cache, x_all, sq_all, jnp.asarray(pts), jnp.asarray(pid), jnp.asarray(yp),
-            jnp.asarray(pp), jnp.asarray(cp), jnp.float32(gamma), jnp.float32(coef0),
-            jnp.float32(tol), jnp.int32(max_iter if max_iter > 0 else np.iinfo(np.int32).max),
-            kernel=kernel, degree=int(degree), q=qq, max_inner=int(max_inner), chunk=chunk,
+        dev = dict(
+            x_all=x_all, sq_all=sq_all, points=jnp.asarray(pts), gamma=jnp.float32(gamma),
+            coef0=jnp.float32(coef0), kernel=kernel, degree=int(degree),
         )
+        yj, cj = jnp.asarray(yp), jnp.asarray(cp)
+        state = _init_state(cache, yj, jnp.asarray(pp), qq)
+        limit = jnp.int32(max_iter if max_iter > 0 else np.iinfo(np.int32).max)
+        for r in range(_REFRESHES + 1):
+            state = _solve(
+                state, pidx=jnp.asarray(pid), y=yj, c=cj, tol=jnp.float32(tol), max_outer=limit,
+                max_inner=int(max_inner), chunk=chunk, **dev,
+            )
+            alpha = np.asarray(state[ALPHA], np.float64)[:m]
+            # the gradient again from alpha, summed in float64 (the solver's float32 one drifts
+            # by up to ~1e-3 on Fashion-MNIST's largest problems)
+            state, grad = _gradient64(
+                state, alpha, y, p, pidx, n, chunk, dev, 512 if rows >= n_pad else rows // 2,
+                x_host[points], (kernel, gamma, coef0, int(degree)),
+            )
+            gap = _violation64(alpha, grad, y, c)
+            if gap <= tol or int(state[IT]) >= max_iter > 0 or r == _REFRESHES:
+                break
+            f = np.zeros(m_pad, np.float32)
+            f[:m] = -y * grad
+            f[m:] = -yp[m:] * pp[m:]
+            state = _set_gradient(state, jnp.asarray(f), yj, cj)
         if workspace is not None:
             workspace.clear()  # keep one buffer at most
-            workspace[(rows, n_pad)] = cache
-        alpha = np.asarray(alpha, np.float64)[:m]
-        f = np.asarray(f, np.float64)[:m]
-        grad = -y * f
+            workspace[(rows, n_pad)] = state[CACHE]
         return {
             "alpha": alpha,
             "grad": grad,
             "rho": _rho(alpha, grad, y, c),
             "obj": 0.5 * float(alpha @ (grad + p)),
-            "outer": int(it),
-            "inner": int(n_inner),
-            "kernel_rows": int(n_rows),
+            "outer": int(state[IT]),
+            "inner": int(state[N_INNER]),
+            "kernel_rows": int(state[N_ROWS]),
             "cache_rows": rows,
-            "violation": float(gap),
-            "converged": bool(float(gap) <= tol),
+            "violation": gap,
+            "converged": bool(gap <= tol),
+            "refreshes": r,
             "q": qq,
         }
+
+
+def _gradient64(state, alpha, y, p, pidx, n, chunk, dev, block, x, kp):
+    """G = Q alpha + p in float64 from the float32 kernel rows of the points with a nonzero
+    coefficient ([block, n] at a time, from the cache or computed); small problems compute
+    the kernel in float64 on the host (x: the problem's points; kp: kernel, gamma, coef0,
+    degree). Returns (state, G)."""
+    coef = np.bincount(pidx, weights=y * alpha, minlength=n)  # per point: sum of y a
+    nz = np.flatnonzero(coef)
+    v = np.zeros(n)
+    if len(nz) * n * x.shape[1] <= _HOST_GRADIENT:
+        k = _kernel64(x[nz], x, *kp)
+        return state, y * (coef[nz] @ k)[pidx] + p
+    for start in range(0, len(nz), block):
+        part = nz[start : start + block]
+        pts = np.zeros(block, np.int32)
+        pts[: len(part)] = part
+        want = np.arange(block) < len(part)
+        state, rows = _rows(
+            state, pts=jnp.asarray(pts), want=jnp.asarray(want), chunk=chunk, **dev
+        )
+        rows = np.asarray(rows)[: len(part), :n]
+        v += coef[part] @ rows.astype(np.float64)
+    return state, y * v[pidx] + p
+
+
+def _kernel64(a, b, kernel, gamma, coef0, degree):
+    """K(a, b) in float64 with numpy (the solver's kernels)."""
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    dot = a @ b.T
+    if kernel == "linear":
+        return dot
+    if kernel == "poly":
+        return (gamma * dot + coef0) ** degree
+    if kernel == "rbf":
+        d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * dot
+        return np.exp(-gamma * np.maximum(d2, 0))
+    return np.tanh(gamma * dot + coef0)
+
+
+def _violation64(alpha, grad, y, c):
+    f = -y * grad
+    up = np.where(y > 0, alpha < c, alpha > 0)
+    low = np.where(y > 0, alpha > 0, alpha < c)
+    if not up.any() or not low.any():
+        return 0.0
+    return float(f[up].max() - f[low].min())
 
 
 def _rho(alpha, grad, y, c):
@@ -804,15 +853,18 @@ class _BaseSVM:
             )
 
     def _solve(self, xd, points, y, p, c, pidx, opts, what, workspace=None, pad_to=0):
-        """xd: (all points, their squared norms) on the device."""
+        """xd: all points on the host, on the device, and their squared norms on the device."""
         t = time.perf_counter()
         res = _Problem.solve(
             *xd, points, y, p, c, pidx, workspace=workspace, pad_to=pad_to, **opts
         )
         if not res["converged"]:
+            why = (f"after max_iter={opts['max_iter']} outer iterations"
+                   if opts["max_iter"] > 0 and res["outer"] >= opts["max_iter"]
+                   else f"after {res['refreshes']} restarts from a float64 gradient")
             warnings.warn(
-                f"{what}: the solver stopped after max_iter={opts['max_iter']} outer iterations"
-                f" with a KKT violation of {res['violation']:.3g} > tol={opts['tol']:g}",
+                f"{what}: the solver stopped {why} with a KKT violation of"
+                f" {res['violation']:.3g} > tol={opts['tol']:g}",
                 ConvergenceWarning, stacklevel=3,
             )
         if self.verbose:
@@ -826,13 +878,15 @@ class _BaseSVM:
         return res
 
     def _device_points(self, x32, opts):
-        """The training points on the device, as integers when the RBF kernel can use them
-        (`_integer_grid`), with gamma scaled to match."""
+        """The training points (host array, device arrays with their squared norms), as
+        integers when the RBF kernel can use them (`_integer_grid`), with gamma scaled to
+        match."""
         self._grid = _integer_grid(x32) if opts["kernel"] == "rbf" else None
         if self._grid is None:
-            return _to_device(x32), opts
+            return (x32, *_to_device(x32)), opts
         scale = self._grid[0]
-        return _to_device(_on_grid(x32, self._grid)), {**opts, "gamma": opts["gamma"] / scale**2}
+        k = _on_grid(x32, self._grid)
+        return (k, *_to_device(k)), {**opts, "gamma": opts["gamma"] / scale**2}
 
     def _decision_raw(self, x):
         """sum_s coef_s K(sv_s, x) - rho for each column of the internal coefficient matrix."""
