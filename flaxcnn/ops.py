@@ -3,22 +3,23 @@
 PyTorch pools default their stride to the kernel size and pad max-pools with -inf; Flax's
 defaults differ (stride 1), so every call here writes the stride and padding out.
 
-`max_pool` has its own gradient. XLA differentiates `reduce_window(max)` into a
-select-and-scatter, which XLA:CPU runs 5-20x slower than PyTorch's channels-last kernel and which
-dominated the 224-pixel networks and GoogLeNet (see benchmarks/xla_cpu_study.md). The custom
-gradient recomputes the k*k shifted, strided slices of the padded input, compares each with the
-pooled output and routes the incoming gradient to the *first* position of each window that holds
-the maximum (row-major order within the window), which is exactly what PyTorch's kernels do: one
-position per window gets the whole gradient, also when the window has ties (all-zero windows after
-a ReLU are common). The routed gradients are put back by stride phase: for stride s the input
-splits into s*s interleaved sub-grids, each of which receives a sum of shifted output-sized arrays,
-so no scatter and no interior padding is needed.
+`max_pool` and `avg_pool` have their own gradients. XLA differentiates `reduce_window(max)`
+into a select-and-scatter, which XLA:CPU runs 5-20x slower than PyTorch's channels-last kernel
+and which dominated the 224-pixel networks and GoogLeNet (see benchmarks/xla_cpu_study.md). The
+custom gradient takes the k*k shifted, strided slices of the padded input, finds each window's
+argmax the way PyTorch's kernels do (the first element in row-major order, replaced only by a
+strictly greater one or a NaN), and routes the whole incoming gradient to that one element: ties
+(all-zero windows after a ReLU are common) never split or duplicate the gradient. The routed
+gradients are put back by stride phase: for stride s the input splits into s*s interleaved
+sub-grids, each of which receives a sum of shifted output-sized arrays, so no scatter and no
+interior padding is needed. `avg_pool` sums the same slices and spreads g / k^2 back the same way.
 """
 
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -40,58 +41,104 @@ def _max_pool(x, window, strides, padding):
 
 
 def _max_pool_fwd(x, window, strides, padding):
-    y = _reduce_max(x, window, strides, padding)
-    return y, (x, y)
+    return _reduce_max(x, window, strides, padding), x
 
 
-def _place(c, low, size):
-    """Pads (or crops) axes 1 and 2 of `c` to `size`, with `low` leading rows/columns."""
-    (lh, lw), (nh, nw) = low, size
-    zero = jnp.zeros((), c.dtype)
-    return lax.pad(
-        c, zero,
-        ((0, 0, 0), (lh, nh - lh - c.shape[1], 0), (lw, nw - lw - c.shape[2], 0), (0, 0, 0)),
-    )
-
-
-def _max_pool_bwd(window, strides, padding, res, g):
-    x, y = res
-    (kh, kw), (sh, sw), (ph, pw) = window, strides, padding
-    n, h, w, c = x.shape
-    ho, wo = y.shape[1:3]
-    # NaN padding never equals the maximum, so a padded position is never chosen, and a window
-    # whose real values are all -inf routes its gradient to its first real position (PyTorch).
-    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)), constant_values=jnp.nan)
-    hp, wp = h + 2 * ph, w + 2 * pw
-    # The stride-phase grid: padded input row i = sh * a + r, a < A, r < sh.
-    big_a, big_b = -(-hp // sh), -(-wp // sw)
-    zero = jnp.zeros((), g.dtype)
-    taken = None
-    phases = {}
+def _window_slices(xp, window, strides, out_hw):
+    """(di, dj, slice) for every offset of the window, row-major: slice[n, i, j, c] =
+    xp[n, di + sh * i, dj + sw * j, c], the offset's element of every output position."""
+    (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
+    n, c = xp.shape[0], xp.shape[3]
     for di in range(kh):
         for dj in range(kw):
-            window_slice = lax.slice(
+            yield di, dj, lax.slice(
                 xp, (0, di, dj, 0), (n, di + sh * (ho - 1) + 1, dj + sw * (wo - 1) + 1, c),
                 (1, sh, sw, 1),
             )
-            eq = window_slice == y
-            # First match in row-major window order only: PyTorch's tie-breaking.
-            hit = eq if taken is None else eq & ~taken
-            taken = eq if taken is None else taken | eq
-            routed = _place(jnp.where(hit, g, zero), (di // sh, dj // sw), (big_a, big_b))
-            key = (di % sh, dj % sw)
-            phases[key] = routed if key not in phases else phases[key] + routed
-    grid = [
-        [phases.get((r, q), jnp.zeros((n, big_a, big_b, c), g.dtype)) for q in range(sw)]
-        for r in range(sh)
-    ]
+
+
+def _scatter_windows(routed, strides, padding, in_hw):
+    """The input gradient from output-sized gradients routed to each window offset.
+
+    `routed[(di, dj)]` is what each output position sends to its window's element (di, dj).
+    For stride s the padded input splits into s*s interleaved phase grids; offset (di, dj) lands
+    on phase (di % sh, dj % sw) shifted by (di // sh, dj // sw), so every phase is a sum of
+    shifted output-sized arrays and the phases interleave with a stack and a reshape: no
+    scatter, no interior padding.
+    """
+    (sh, sw), (ph, pw), (h, w) = strides, padding, in_hw
+    some = next(iter(routed.values()))
+    n, c, dtype = some.shape[0], some.shape[3], some.dtype
+    big_a, big_b = -(-(h + 2 * ph) // sh), -(-(w + 2 * pw) // sw)
+    zero = jnp.zeros((), dtype)
+    phases = {}
+    for (di, dj), r in routed.items():
+        lh, lw = di // sh, dj // sw
+        placed = lax.pad(r, zero, ((0, 0, 0), (lh, big_a - lh - r.shape[1], 0),
+                                   (lw, big_b - lw - r.shape[2], 0), (0, 0, 0)))
+        key = (di % sh, dj % sw)
+        phases[key] = placed if key not in phases else phases[key] + placed
+    grid = [[phases.get((r, q), jnp.zeros((n, big_a, big_b, c), dtype)) for q in range(sw)]
+            for r in range(sh)]
     if sh == 1 and sw == 1:
         dxp = grid[0][0]
     else:
         # (N, A, sh, B, sw, C) -> (N, A*sh, B*sw, C): interleave the phases.
         dxp = jnp.stack([jnp.stack(row, axis=3) for row in grid], axis=2)
         dxp = dxp.reshape(n, big_a * sh, big_b * sw, c)
-    return (dxp[:, ph:ph + h, pw:pw + w, :],)
+    return dxp[:, ph:ph + h, pw:pw + w, :]
+
+
+def _valid_offsets(window, strides, padding, in_hw, out_hw):
+    """Static (Ho, Wo) masks per window offset: is the element a real one (not padding), and
+    is it the first real element of its window (row-major)?"""
+    (kh, kw), (sh, sw), (ph, pw), (h, w), (ho, wo) = window, strides, padding, in_hw, out_hw
+    rows = [(di + sh * np.arange(ho) - ph >= 0) & (di + sh * np.arange(ho) - ph < h)
+            for di in range(kh)]
+    cols = [(dj + sw * np.arange(wo) - pw >= 0) & (dj + sw * np.arange(wo) - pw < w)
+            for dj in range(kw)]
+    seen = np.zeros((ho, wo), bool)
+    out = {}
+    for di in range(kh):
+        for dj in range(kw):
+            valid = rows[di][:, None] & cols[dj][None, :]
+            out[(di, dj)] = (valid, valid & ~seen)
+            seen |= valid
+    return out
+
+
+def _max_pool_bwd(window, strides, padding, x, g):
+    """Routes each output's gradient to its window's argmax, chosen as PyTorch's kernels do:
+    the first real element (row-major) starts as the maximum and a later one replaces it only
+    if strictly greater or NaN. The argmax is recomputed from `x` alone, never by comparing
+    with the pooled output: XLA may fuse x's producer (BatchNorm + ReLU, say) separately into
+    the forward pooling and into this backward pass, and two fusions can round differently, so
+    an equality test against the forward's maximum could match nothing. Every window sends
+    its whole gradient to exactly one element."""
+    (kh, kw), (ph, pw) = window, padding
+    out_hw = g.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)), constant_values=-jnp.inf)
+    masks = _valid_offsets(window, strides, padding, x.shape[1:3], out_hw)
+    idx_dtype = jnp.int8 if kh * kw < 128 else jnp.int32
+    best = idx = None
+    for k, (di, dj, s) in enumerate(_window_slices(xp, window, strides, out_hw)):
+        valid, first = masks[(di, dj)]
+        if best is None and first.all():
+            best, idx = s, jnp.zeros(s.shape, idx_dtype)
+            continue
+        if best is None:
+            best, idx = jnp.full(s.shape, -jnp.inf, s.dtype), jnp.zeros(s.shape, idx_dtype)
+        take = (s > best) | jnp.isnan(s)
+        if not valid.all():
+            take = take & jnp.asarray(valid)[None, :, :, None]
+        if first.any():
+            take = take | jnp.asarray(first)[None, :, :, None]
+        best = jnp.where(take, s, best)
+        idx = jnp.where(take, jnp.asarray(k, idx_dtype), idx)
+    zero = jnp.zeros((), g.dtype)
+    routed = {(di, dj): jnp.where(idx == di * kw + dj, g, zero)
+              for di in range(kh) for dj in range(kw)}
+    return (_scatter_windows(routed, strides, padding, x.shape[1:3]),)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
@@ -112,14 +159,48 @@ def max_pool(x, kernel_size, strides, padding=0):
     return _max_pool(x, window, strides, padding)
 
 
+def _out_hw(in_hw, window, strides, padding):
+    return tuple((i + 2 * p - k) // st + 1
+                 for i, k, st, p in zip(in_hw, window, strides, padding, strict=True))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _avg_pool(x, window, strides, padding):
+    (kh, kw), (ph, pw) = window, padding
+    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    total = None
+    # Row-major window order, as PyTorch's kernel adds; then one division, as PyTorch does.
+    for _, _, s in _window_slices(xp, window, strides, _out_hw(x.shape[1:3], window, strides,
+                                                                padding)):
+        total = s if total is None else total + s
+    return total / (kh * kw)
+
+
+def _avg_pool_fwd(x, window, strides, padding):
+    return _avg_pool(x, window, strides, padding), x.shape[1:3]
+
+
+def _avg_pool_bwd(window, strides, padding, in_hw, g):
+    (kh, kw) = window
+    share = g / (kh * kw)
+    routed = {(di, dj): share for di in range(kh) for dj in range(kw)}
+    return (_scatter_windows(routed, strides, padding, in_hw),)
+
+
+_avg_pool.defvjp(_avg_pool_fwd, _avg_pool_bwd)
+
+
 def avg_pool(x, kernel_size, strides, padding=0):
-    """`nn.AvgPool2d(kernel_size, stride=strides, padding=padding)` (count_include_pad=True)."""
-    (kh, kw), (sh, sw), (ph, pw) = _pairs(kernel_size), _pairs(strides), _pairs(padding)
-    summed = lax.reduce_window(
-        x, 0.0, lax.add, (1, kh, kw, 1), (1, sh, sw, 1),
-        ((0, 0), (ph, ph), (pw, pw), (0, 0)),
-    )
-    return summed / (kh * kw)
+    """`nn.AvgPool2d(kernel_size, stride=strides, padding=padding)` (count_include_pad=True).
+
+    The sum of the window's strided slices (row-major, as PyTorch adds) divided by its size; the
+    gradient spreads g / size over each window by stride phase, like `max_pool`'s (XLA's own
+    gradient of `reduce_window(add)` is an interior pad and another reduce_window, slow on CPU).
+    """
+    window, strides, padding = _pairs(kernel_size), _pairs(strides), _pairs(padding)
+    if any(2 * p > k for p, k in zip(padding, window, strict=True)):
+        raise ValueError(f"padding {padding} must be at most half the kernel size {window}")
+    return _avg_pool(x, window, strides, padding)
 
 
 def global_avg_pool(x):

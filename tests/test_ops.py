@@ -93,6 +93,41 @@ def test_all_minus_inf_window_goes_to_first_real_position():
     np.testing.assert_array_equal(dx_j, dx_t)
 
 
+def test_no_window_loses_its_gradient_under_jit():
+    """BatchNorm + ReLU + max-pool as DenseNet's stem has them, jitted. XLA fuses the
+    BatchNorm into both the forward pooling and the backward pass, and the two fusions round
+    differently; a backward that matched elements against the forward's maximum lost the
+    gradient of ~1000 windows here. d sum(pool) / d bias counts, per channel, the windows whose
+    chosen element is positive, which is exactly the number of positive outputs."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.random((2, 96, 96, 1)).astype(np.float32))
+    k = jnp.asarray(rng.standard_normal((7, 7, 1, 64)).astype(np.float32) * 0.2)
+
+    def stem(scale, bias):
+        h = jax.lax.conv_general_dilated(x, k, (2, 2), ((3, 3), (3, 3)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        m = h.mean((0, 1, 2))
+        v = (h * h).mean((0, 1, 2)) - m * m
+        return ops.max_pool(jax.nn.relu((h - m) * jax.lax.rsqrt(v + 1e-5) * scale + bias), 3, 2, 1)
+
+    def grad_and_count(scale, bias):
+        p, vjp = jax.vjp(stem, scale, bias)
+        return vjp(jnp.ones_like(p))[1], jnp.sum(p > 0, axis=(0, 1, 2))
+
+    grad, count = jax.jit(grad_and_count)(jnp.linspace(0.5, 1.5, 64), jnp.zeros(64))
+    np.testing.assert_array_equal(grad, count)
+
+
+def test_nan_goes_where_torch_puts_it():
+    # PyTorch: a NaN replaces the running maximum (so the *last* NaN of a window wins).
+    x = inputs("relu", (1, 7, 7, 2), 5)
+    x[0, 1, 1, 0] = x[0, 2, 2, 0] = x[0, 4, 5, 1] = np.nan
+    g = np.random.default_rng(6).standard_normal((1, 3, 3, 2)).astype(np.float32)
+    _, dx_t = torch_pool(x, 3, 2, 0, g)
+    _, dx_j = jax_pool(jnp.asarray(x), 3, 2, 0, jnp.asarray(g))
+    np.testing.assert_allclose(dx_j, dx_t, rtol=1e-6, atol=1e-6)
+
+
 def test_grad_of_jit_and_vmap():
     x = jnp.asarray(inputs("relu", (2, 12, 12, 3), 7))
 
@@ -120,11 +155,28 @@ def test_max_pool_tuple_arguments_and_errors():
         ops.max_pool(jnp.zeros((1, 4, 4, 1), jnp.int32), 2, 2)
 
 
-@pytest.mark.parametrize("ksp", [(2, 2, 0), (3, 3, 1)], ids=str)
-def test_avg_pool_matches_torch(ksp):
+@pytest.mark.parametrize("ksp", [(2, 2, 0), (3, 3, 1), (3, 2, 1), (2, 1, 0)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 24, 24, 6), (2, 9, 8, 3), (3, 7, 7, 2)], ids=str)
+def test_avg_pool_matches_torch(ksp, shape):
     k, s, p = ksp
+    x = inputs("random", shape, 1)
+    xt = torch.tensor(x).permute(0, 3, 1, 2).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True)
+    yt = F.avg_pool2d(xt, k, s, p)
+    gt = torch.randn(yt.shape, generator=torch.Generator().manual_seed(2))
+    yt.backward(gt)
+    y, vjp = jax.vjp(lambda x: ops.avg_pool(x, k, s, p), jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(gt.permute(0, 2, 3, 1).numpy()))
+    y_ref, dx_ref = yt.detach().permute(0, 2, 3, 1).numpy(), xt.grad.permute(0, 2, 3, 1).numpy()
+    if (k, s, p) == (2, 2, 0):
+        # The networks' pool (LeNet, DenseNet): same additions in the same order, bit for bit.
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(dx, dx_ref)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_global_avg_pool():
     x = inputs("random", (2, 9, 8, 3), 1)
-    yt = F.avg_pool2d(torch.tensor(x).permute(0, 3, 1, 2), k, s, p).permute(0, 2, 3, 1).numpy()
-    np.testing.assert_allclose(ops.avg_pool(jnp.asarray(x), k, s, p), yt, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(
         ops.global_avg_pool(jnp.asarray(x))[:, 0, 0], x.mean(axis=(1, 2)), rtol=1e-6)
