@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 # Exit status of a process whose peers were lost (a process died, was killed or hangs).
 PEER_LOST_EXIT = 4
+# Exit status of a process that could not connect to all the others in time.
+INIT_FAILED_EXIT = 1
 DEFAULT_HEARTBEAT_TIMEOUT = 100  # JAX's default, seconds
 DEFAULT_INIT_TIMEOUT = 300  # JAX's default, seconds
 
@@ -131,8 +134,10 @@ def initialize(coordinator=None, num_processes=None, process_id=None, *,
     """Starts `jax.distributed` if the flags or the environment ask for several processes.
 
     Must run before anything touches a JAX backend. Returns True when distributed mode is on.
-    On CPU the cross-process collectives are gloo over TCP. Raises DistributedError with a
-    readable message when the processes cannot connect within `init_timeout` seconds.
+    On CPU the cross-process collectives are gloo over TCP. When not all processes have
+    connected within `init_timeout` seconds the process ends with a message and exit status
+    `INIT_FAILED_EXIT`; other failures to start raise DistributedError, bad settings
+    SettingsError.
     """
     found = settings(coordinator, num_processes, process_id, environ)
     if found is None:
@@ -149,15 +154,30 @@ def initialize(coordinator=None, num_processes=None, process_id=None, *,
         kwargs.update(coordinator_address=coordinator, num_processes=num_processes,
                       process_id=process_id)
     where = "cluster auto-detection" if coordinator == "auto" else coordinator
+    advice = ("Start every process with the same --coordinator and --num-processes and its own "
+              "--process-id (0..N-1), and check that process 0 is reachable at that address")
+    # JAX aborts the process (a C++ fatal error, exit 134) when the others do not connect in
+    # time; this watchdog fires a few seconds earlier with a message and a plain exit status.
+    connected = threading.Event()
+
+    def watchdog():
+        if not connected.wait(init_timeout):
+            _say(f"error: process {process_id} of {num_processes}: not all processes connected "
+                 f"to the coordinator at {where} within {init_timeout} s (--init-timeout). "
+                 f"{advice}.")
+            os._exit(INIT_FAILED_EXIT)
+
+    threading.Thread(target=watchdog, name="flaxcnn-init-watchdog", daemon=True).start()
+    kwargs["initialization_timeout"] = int(init_timeout) + 10
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - JAX raises several kinds; all mean "cannot start"
         raise DistributedError(
             f"could not start process {process_id} of {num_processes} with the coordinator at "
-            f"{where} within {init_timeout} s: {_first_line(e)}. Check that every process was "
-            "started with the same --coordinator and --num-processes, distinct --process-id "
-            "values, and that process 0 is reachable at that address"
+            f"{where}: {_first_line(e)}. {advice}"
         ) from e
+    finally:
+        connected.set()
     _state.update(process_id=jax.process_index(), num_processes=jax.process_count(),
                   active=True)
     return True

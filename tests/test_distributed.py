@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxcnn import models, trainer, training
+from flaxcnn import distributed, models, trainer, training
 from flaxcnn.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,6 +216,35 @@ def test_killed_coordinator_stops_the_other_process(tmp_path, cache_dir):
     assert ("another task died" in err
             or "process 1 of 2: lost contact with the other processes" in err), err[-3000:]
     assert elapsed < EXIT_BOUND_S, elapsed
+
+
+def test_settings_from_flags_and_environment():
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+           "JAX_PROCESS_ID": "3"}
+    assert distributed.settings(environ={}) is None
+    assert distributed.settings(environ=env) == ("10.0.0.1:1234", 4, 3)
+    assert distributed.settings("h:1", 2, 0, environ=env) == ("h:1", 2, 0)
+    assert distributed.settings("auto", environ={}) == ("auto", None, None)
+    for kwargs, message in [
+        (dict(num_processes=2, process_id=0), "need --coordinator"),
+        (dict(coordinator="h:1"), "needs --num-processes"),
+        (dict(coordinator="h", num_processes=2, process_id=0), "HOST:PORT"),
+        (dict(coordinator="h:1", num_processes=2, process_id=2), "--process-id must be"),
+    ]:
+        with pytest.raises(distributed.SettingsError, match=message):
+            distributed.settings(environ={}, **kwargs)
+    with pytest.raises(distributed.SettingsError, match="not an integer"):
+        distributed.settings(environ={**env, "JAX_PROCESS_ID": "x"})
+
+
+def test_missing_process_fails_fast_with_a_message(tmp_path, cache_dir):
+    """Process 1 of 2 started alone: it does not wait forever for process 0 to appear."""
+    t0 = time.time()
+    proc = _launch(cache_dir, tmp_path, 1, _free_port(), "--init-timeout", "3")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-3000:]
+    assert "process 1 of 2: not all processes connected" in err
+    assert time.time() - t0 < 60
 
 
 def test_bfloat16_trains_close_to_float32(tmp_path):
