@@ -65,8 +65,9 @@ def parse_args(argv=None):
     dist.add_argument("--process-id", type=int, metavar="I",
                       help="this process, 0..N-1 (default: JAX_PROCESS_ID)")
     dist.add_argument("--heartbeat-timeout", type=int, metavar="S",
-                      help="seconds after which a silent process counts as dead and the "
-                           "others stop with exit status 4 (default: 100)")
+                      help="seconds without a heartbeat after which a process counts as "
+                           "dead and JAX ends the others (default: 100); a collective that "
+                           "loses its peer stops a process at once, with exit status 4")
     dist.add_argument("--init-timeout", type=int, metavar="S",
                       help="seconds to wait for all processes to connect (default: 300)")
     svm = p.add_argument_group("svm (with --model svm)")

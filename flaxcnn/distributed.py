@@ -148,33 +148,36 @@ def initialize(coordinator=None, num_processes=None, process_id=None, *,
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = dict(initialization_timeout=int(init_timeout),
+    # JAX aborts the process (a C++ fatal error, exit 134) when the others do not connect in
+    # time; the watchdog below fires 10 s earlier with a message and a plain exit status.
+    kwargs = dict(initialization_timeout=int(init_timeout) + 10,
                   heartbeat_timeout_seconds=int(heartbeat_timeout))
     if coordinator != "auto":
-        kwargs.update(coordinator_address=coordinator, num_processes=num_processes,
-                      process_id=process_id)
+        kwargs["coordinator_address"] = coordinator
+    if num_processes is not None:
+        kwargs["num_processes"] = num_processes
+    if process_id is not None:
+        kwargs["process_id"] = process_id
     where = "cluster auto-detection" if coordinator == "auto" else coordinator
     advice = ("Start every process with the same --coordinator and --num-processes and its own "
               "--process-id (0..N-1), and check that process 0 is reachable at that address")
-    # JAX aborts the process (a C++ fatal error, exit 134) when the others do not connect in
-    # time; this watchdog fires a few seconds earlier with a message and a plain exit status.
+    who = (f"process {process_id} of {num_processes}" if process_id is not None
+           else "this process")
     connected = threading.Event()
 
     def watchdog():
         if not connected.wait(init_timeout):
-            _say(f"error: process {process_id} of {num_processes}: not all processes connected "
-                 f"to the coordinator at {where} within {init_timeout} s (--init-timeout). "
-                 f"{advice}.")
+            _say(f"error: {who}: not all processes connected to the coordinator at {where} "
+                 f"within {init_timeout} s (--init-timeout). {advice}.")
             os._exit(INIT_FAILED_EXIT)
 
     threading.Thread(target=watchdog, name="flaxcnn-init-watchdog", daemon=True).start()
-    kwargs["initialization_timeout"] = int(init_timeout) + 10
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - JAX raises several kinds; all mean "cannot start"
         raise DistributedError(
-            f"could not start process {process_id} of {num_processes} with the coordinator at "
-            f"{where}: {_first_line(e)}. {advice}"
+            f"could not start {who} with the coordinator at {where}: {_first_line(e)}. "
+            f"{advice}"
         ) from e
     finally:
         connected.set()
