@@ -176,3 +176,23 @@ def test_resume_needs_a_checkpoint_and_a_fresh_run_needs_an_empty_workdir(tmp_pa
         trainer.fit(trainer.Config(**cfg), log=lambda *a: None)
     with pytest.raises(trainer.UsageError, match="different configuration"):
         trainer.fit(trainer.Config(**{**cfg, "lr": 0.5}, resume=True), log=lambda *a: None)
+
+
+def test_precise_bn_statistics_are_the_batch_statistics(small_batch):
+    """`batch_statistics` returns each BatchNorm layer's mean and biased variance of the batch,
+    for the built-in layer (mean/var) and the scratch one (moving_mean/moving_var)."""
+    images, labels = small_batch
+    x = data.to_float(jnp.asarray(images), 28)
+    for name, mean_key, var_key, bn in (("lenet_bn", "mean", "var", "BatchNorm_0"),
+                                        ("lenet_bn_scratch", "moving_mean", "moving_var",
+                                         "BatchNorm_0")):
+        model = models.create(name)
+        state = training.create_train_state(model, jax.random.key(1), 28, training.sgd(1.0))
+        stats = training.batch_statistics(state, x)
+        _, inter = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
+                               train=True, mutable=["batch_stats", "intermediates"])
+        conv = inter["intermediates"]["00:Conv2d:Conv_0"][0]
+        np.testing.assert_allclose(stats[bn][mean_key], conv.mean((0, 1, 2)), rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_allclose(stats[bn][var_key], conv.var((0, 1, 2)), rtol=1e-4,
+                                   atol=1e-6)
