@@ -29,6 +29,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # statistics, gradients) are computed per device and added across devices, so they round
 # differently. Observed after 4-8 steps at lr 1.0: max |difference| 3e-6 to 6e-6.
 ATOL, RTOL = 5e-5, 1e-4
+# Two processes: 9 of 10 runs were bit-identical to 2 simulated devices in one process; one
+# early run differed by 1.3e-4 after 4 steps (2.6e-4 after 8), not reproduced since. The
+# tolerance allows that; per-device BatchNorm statistics (plain DDP) instead of the global
+# batch's move them by 5e-2 after 8 steps (measured), and a wrong shard of the batch by more.
+PROCESS_ATOL, PROCESS_RTOL = 1e-3, 1e-3
 # bfloat16 against float32 after 8 steps at lr 1.0 (observed: epoch losses 0.1-0.2% apart,
 # parameters 1.9% and BatchNorm statistics 3.2% apart in relative L2 norm).
 BF16_LOSS_RTOL, BF16_PARAM_RTOL, BF16_STATS_RTOL = 0.01, 0.05, 0.10
@@ -198,7 +203,7 @@ def test_two_processes_survive_a_kill_resume_and_match_one_process(tmp_path, cac
     trainer.fit(trainer.Config(**SMALL, epochs=epochs, devices=1, workdir=str(single)),
                 log=lambda *a: None)
     expected, _ = _checkpoint(single)
-    _assert_close(got, expected)
+    _assert_close(got, expected, atol=PROCESS_ATOL, rtol=PROCESS_RTOL)
 
 
 def test_killed_coordinator_stops_the_other_process(tmp_path, cache_dir):
