@@ -47,6 +47,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,9 @@ CLASS_NAMES = (
     "Ankle boot",
 )
 ENV_DIR = "FASHION_MNIST_DIR"
+# A snapshot written by `python -m flaxcnn.data export` on a machine that prepared the tfds
+# dataset, for accelerator hosts without TensorFlow or network (e.g. a lent GPU machine).
+ENV_SNAPSHOT = "FLAXCNN_FASHION_MNIST_NPZ"
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 UPSTREAM_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 PROBE_TIMEOUT_S = 5.0
@@ -506,6 +510,8 @@ def load_split(
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    if os.environ.get(ENV_SNAPSHOT):
+        return read_snapshot(os.environ[ENV_SNAPSHOT], split)
     data_dir = resolve_data_dir(data_dir)
     cached = _find_cache(data_dir, split)
     if cached is not None:
@@ -529,6 +535,32 @@ def load_split(
             if s == split:
                 out = images, labels
         return out
+
+
+def export_snapshot(path, data_dir=None, manual_dir=None) -> str:
+    """Writes both prepared splits, in tfds's order, to one compressed .npz with their sha256,
+    so that a host without TensorFlow can train on exactly this dataset (via ENV_SNAPSHOT)."""
+    arrays, digests = {}, {}
+    for split in SPLITS:
+        images, labels = load_split(split, data_dir=data_dir, manual_dir=manual_dir)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+        digests[split] = _arrays_sha256(images, labels)
+    np.savez_compressed(path, sha256=np.array(json.dumps(digests)), **arrays)
+    return str(path)
+
+
+def read_snapshot(path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A split from `export_snapshot`'s file, checked against the digests written with it."""
+    try:
+        with np.load(path) as z:
+            digests = json.loads(str(z["sha256"]))
+            images, labels = z[f"{split}_images"], z[f"{split}_labels"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not a readable flaxcnn Fashion-MNIST snapshot ({e})") from e
+    _check_arrays(images, labels, split, path)
+    if _arrays_sha256(images, labels) != digests.get(split):
+        raise DataError(f"{path}: the {split} split does not match its recorded sha256")
+    return images, labels
 
 
 def prepare(data_dir=None, manual_dir=None, download: bool | None = None) -> dict:
@@ -708,7 +740,17 @@ def main(argv=None) -> int:
         "--manual-dir", help=f"directory with the four upstream files (default: ${ENV_DIR})"
     )
     p.add_argument("--no-download", action="store_true", help="never use the network")
+    e = sub.add_parser("export", help=f"write both splits to one .npz for ${ENV_SNAPSHOT}")
+    e.add_argument("path")
+    e.add_argument("--data-dir", help="tfds data dir")
     args = parser.parse_args(argv)
+    if args.command == "export":
+        try:
+            print(export_snapshot(args.path, args.data_dir))
+        except DataError as err:
+            print(f"error: {err}", flush=True)
+            return 1
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
     try:
