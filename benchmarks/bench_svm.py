@@ -208,8 +208,10 @@ def table(doc) -> str:
     lines = [
         "# SVM on Fashion-MNIST: flaxcnn.svm (JAX) vs scikit-learn SVC (libsvm), CPU",
         "",
-        f"Machine: {m.get('Model name', '?')}, {m.get('CPU(s)', '?')} cores, "
-        f"{m.get('MemTotal', '?')} RAM; shared with other jobs (load averages in the JSON). "
+        f"Machine: {m.get('Model name', '?')} (KVM guest, Zen 4 with AVX-512), "
+        f"{m.get('CPU(s)', '?')} cores, {m.get('MemTotal', '?')} RAM, shared with other jobs: "
+        "wall times move with their load (load averages and CPU seconds per run below; "
+        "libsvm uses one core, ours both). "
         f"jax {m.get('jax', '?')}, scikit-learn {m.get('sklearn', '?')}, "
         f"XLA_FLAGS='{m.get('XLA_FLAGS', '')}', "
         f"FLAXCNN_NO_XLA_DEFAULTS='{m.get('FLAXCNN_NO_XLA_DEFAULTS', '')}'.",
@@ -259,7 +261,8 @@ def table(doc) -> str:
         extra = ""
         if "outer_iterations" in r:
             extra = (f", working set {r['working_set_size']}, {r['outer_iterations']} outer "
-                     f"iterations, max KKT violation {r['max_kkt_violation']:.2g}")
+                     f"iterations, max KKT violation (solver's float64 check) "
+                     f"{r['max_kkt_violation']:.4g}")
         if "dual_objectives" in r and f"sklearn@{r['train_size']}" in res and key.startswith(
             "jax@"
         ):
@@ -268,8 +271,8 @@ def table(doc) -> str:
                 rel = np.max(np.abs(np.subtract(r["dual_objectives"], ref)) / np.abs(ref))
                 extra += f", per-problem dual objectives within {rel:.1e} (relative) of libsvm's"
         if "kkt_violations" in r:
-            extra += (f", KKT violation recomputed from the coefficients: max "
-                      f"{max(r['kkt_violations']):.2e} over the 45 problems")
+            extra += (f", KKT violation recomputed in float64 from the returned coefficients: "
+                      f"max {max(r['kkt_violations']):.4g} over the 45 problems")
         lines.append(
             f"- {key}: fit {r['fit_s']:.1f} s wall / {r['fit_cpu_s']:.1f} s CPU, cache "
             f"{r['cache_size_mb']} MB, load average {r['loadavg_before_after'][0]:.1f} -> "
