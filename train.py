@@ -146,9 +146,12 @@ def main(argv=None):
     if args.model == "svm":
         from flaxcnn import svm
 
-        svm.run(kernel=args.kernel, C=args.C, gamma=args.gamma, degree=args.degree,
-                coef0=args.coef0, train_size=args.train_size, test_size=args.test_size,
-                seed=args.seed, data_dir=args.data_dir, manual_dir=args.fashion_mnist_dir)
+        try:
+            svm.run(kernel=args.kernel, C=args.C, gamma=args.gamma, degree=args.degree,
+                    coef0=args.coef0, train_size=args.train_size, test_size=args.test_size,
+                    seed=args.seed, data_dir=args.data_dir, manual_dir=args.fashion_mnist_dir)
+        except ValueError as e:  # bad parameters, raised before any data loads
+            parser.error(str(e))
         return 0
 
     from flaxcnn import trainer
