@@ -123,8 +123,9 @@ def test_nan_goes_where_torch_puts_it():
     x = inputs("relu", (1, 7, 7, 2), 5)
     x[0, 1, 1, 0] = x[0, 2, 2, 0] = x[0, 4, 5, 1] = np.nan
     g = np.random.default_rng(6).standard_normal((1, 3, 3, 2)).astype(np.float32)
-    _, dx_t = torch_pool(x, 3, 2, 0, g)
-    _, dx_j = jax_pool(jnp.asarray(x), 3, 2, 0, jnp.asarray(g))
+    y_t, dx_t = torch_pool(x, 3, 2, 0, g)
+    y_j, dx_j = jax_pool(jnp.asarray(x), 3, 2, 0, jnp.asarray(g))
+    np.testing.assert_array_equal(y_j, y_t)  # NaN where PyTorch has NaN
     np.testing.assert_allclose(dx_j, dx_t, rtol=1e-6, atol=1e-6)
 
 
