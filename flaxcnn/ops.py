@@ -32,14 +32,18 @@ def _materialize(a):
 
     XLA fuses cheap elementwise producers into every consumer, duplicating them. The argmax
     chain below (k*k compares and selects per window) would be recomputed by each of the k*k
-    terms that read it, and the gradient sum by each of its consumers: 5-10x slower pooling
-    backward passes in GoogLeNet. A reduction is never duplicated into its consumers, so this
-    max over a size-2 axis of (a, the lowest value) — a itself, bit for bit, NaN and -0.0
-    included — forces one materialised copy. (`lax.optimization_barrier` does not: XLA:CPU
-    removes it before fusion.)
+    terms that read it, and the incoming gradient (in DenseNet, five BatchNorm backward passes
+    summed) at each of the k*k places that read it: 5-10x slower pooling backward passes. A
+    reduction is never duplicated into its consumers, so an OR over a size-2 axis of (a's bits,
+    0) — a itself, bit for bit, NaN and -0.0 included — forces one materialised copy. An OR,
+    not a max: YNNPACK takes max and sum reductions when its REDUCE fusions are on, and runs
+    these slowly. (`lax.optimization_barrier` does not help: XLA:CPU removes it before fusion.)
     """
-    lowest = jnp.iinfo(a.dtype).min if jnp.issubdtype(a.dtype, jnp.integer) else -jnp.inf
-    return jnp.max(jnp.stack([a, jnp.full_like(a, lowest)]), axis=0)
+    if jnp.issubdtype(a.dtype, jnp.floating):
+        bits = lax.bitcast_convert_type(a, jnp.dtype(f"int{a.dtype.itemsize * 8}"))
+        return lax.bitcast_convert_type(_materialize(bits), a.dtype)
+    zero = jnp.zeros((), a.dtype)
+    return lax.reduce(jnp.stack([a, jnp.zeros_like(a)]), zero, lax.bitwise_or, (0,))
 
 
 def _reduce_max(x, window, strides, padding):
@@ -169,7 +173,9 @@ def _max_pool_bwd(window, strides, padding, x, g):
             take = take | jnp.asarray(first)[None, :, :, None]
         best = jnp.where(take, s, best)
         idx = jnp.where(take, jnp.asarray(k, idx_dtype), idx)
-    idx = _materialize(idx)
+    # g too: it is read at up to k*k places, and XLA would otherwise recompute whatever
+    # produced it (in DenseNet, five BatchNorm backward passes summed) at each of them.
+    idx, g = _materialize(idx), _materialize(g)
     zero = jnp.zeros((), g.dtype)
     routed = {(di, dj): jnp.where(idx == di * kw + dj, g, zero)
               for di in range(kh) for dj in range(kw)}
@@ -212,7 +218,7 @@ def _avg_pool_fwd(x, window, strides, padding):
 
 def _avg_pool_bwd(window, strides, padding, in_hw, g):
     (kh, kw) = window
-    share = g / (kh * kw)
+    share = _materialize(g) / (kh * kw)  # read k*k times: computed once (see _max_pool_bwd)
     routed = {(di, dj): share for di in range(kh) for dj in range(kw)}
     return (_materialize(_scatter_windows(routed, strides, padding, in_hw)),)
 
