@@ -2,7 +2,8 @@
 
 Every configuration is the same jitted `flaxcnn.training.train_step`, compiled with its own XLA
 compile options (so all variants live in one process and their timings interleave), with either
-the custom max-pool gradient of `flaxcnn.ops` ("pool") or XLA's select-and-scatter ("s&s").
+flaxcnn.ops' pooling ("pool": max of strided slices, custom gradients) or XLA's own
+(`reduce_window`, differentiated by XLA: select-and-scatter for the max-pool).
 The process starts with FLAXCNN_NO_XLA_DEFAULTS=1, so "xla" below is XLA's own default and every
 other row says exactly what it changes. Step-structure variants (no donation, K steps per call
 with `lax.scan`) run with the chosen defaults.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ import harness  # noqa: E402
 YNN = "xla_cpu_experimental_ynn_fusion_type"
 LIB = "LIBRARY_FUSION_TYPE_"
 OFF = {YNN: ""}
+RED = {YNN: f"{LIB}INDIVIDUAL_DOT,{LIB}REDUCE"}  # the chosen default (flaxcnn.cpu)
 
 # name -> (XLA compile options, custom pool gradient?, step kind)
 CONFIGS = {
@@ -38,20 +41,37 @@ CONFIGS = {
     "ynn-dot-only+pool": ({YNN: LIB + "INDIVIDUAL_DOT"}, True, "step"),
     "ynn-conv-only+pool": ({YNN: LIB + "INDIVIDUAL_CONVOLUTION"}, True, "step"),
     "ynn-eltwise-only+pool": ({YNN: LIB + "ELTWISE"}, True, "step"),
+    "ynn-reduce-only": ({YNN: LIB + "REDUCE"}, False, "step"),
+    "ynn-reduce-only+pool": ({YNN: LIB + "REDUCE"}, True, "step"),
+    "ynn-reduce+dot+pool": ({YNN: f"{LIB}REDUCE,{LIB}INDIVIDUAL_DOT"}, True, "step"),
+    "ynn-reduce+eltwise+pool": ({YNN: f"{LIB}REDUCE,{LIB}ELTWISE"}, True, "step"),
     "ynn-off+onednn-dot+pool": (
         {**OFF, "xla_cpu_use_onednn": True,
          "xla_cpu_experimental_onednn_fusion_type": LIB + "DOT"}, True, "step"),
-    "ynn-off+vec512+pool": ({**OFF, "xla_cpu_prefer_vector_width": 512}, True, "step"),
-    "ynn-off+concurrency-sched+pool": (
-        {**OFF, "xla_cpu_enable_concurrency_optimized_scheduler": True}, True, "step"),
-    "ynn-off+no-fusion-emitters+pool": ({**OFF, "xla_cpu_use_fusion_emitters": False}, True,
-                                        "step"),
-    "ynn-off+single-thread-eigen+pool": ({**OFF, "xla_cpu_multi_thread_eigen": False}, True,
-                                         "step"),
-    "ynn-off+pool, no donation": (OFF, True, "nodonate"),
-    "ynn-off+pool, scan K steps": (OFF, True, "scan"),
+    # Variations around the chosen default ("R": YNNPACK for dots and reductions only, and
+    # flaxcnn's pooling).
+    "R+pool (default)": (RED, True, "step"),
+    "R+ynn-dot-fusions+pool": ({YNN: f"{LIB}INDIVIDUAL_DOT,{LIB}DOT,{LIB}REDUCE"}, True, "step"),
+    "R+onednn-dot+pool": (
+        {**RED, "xla_cpu_use_onednn": True,
+         "xla_cpu_experimental_onednn_fusion_type": LIB + "DOT"}, True, "step"),
+    "R+vec512+pool": ({**RED, "xla_cpu_prefer_vector_width": 512}, True, "step"),
+    "R+no-concurrency-sched+pool": (
+        {**RED, "xla_cpu_enable_concurrency_optimized_scheduler": False}, True, "step"),
+    "R+no-fusion-emitters+pool": ({**RED, "xla_cpu_use_fusion_emitters": False}, True, "step"),
+    "R+single-thread-eigen+pool": ({**RED, "xla_cpu_multi_thread_eigen": False}, True, "step"),
+    "R+pool, no donation": (RED, True, "nodonate"),
+    "R+pool, scan K steps": (RED, True, "scan"),
 }
-DEFAULT_CONFIGS = ["xla", "ynn-off", "ynn-off+pool", "xla+pool"]
+DEFAULT_CONFIGS = ["xla", "xla+pool", "ynn-off", "ynn-off+pool", "ynn-reduce+dot+pool"]
+
+
+def _reduce_avg(x, window, strides, padding):
+    from jax import lax
+
+    (kh, kw), (sh, sw), (ph, pw) = window, strides, padding
+    return lax.reduce_window(x, 0.0, lax.add, (1, kh, kw, 1), (1, sh, sw, 1),
+                             ((0, 0), (ph, ph), (pw, pw), (0, 0))) / (kh * kw)
 
 
 def build(name, batch, side, config, k_scan):
@@ -78,29 +98,38 @@ def build(name, batch, side, config, k_scan):
     else:
         fn = jax.jit(training.train_step, donate_argnums=() if kind == "nodonate" else 0)
         args, steps = (x, y), 1
-    saved = ops._max_pool
+    saved = ops._max_pool, ops._avg_pool
     if not custom_pool:
-        ops._max_pool = ops._reduce_max  # XLA differentiates reduce_window: select-and-scatter
+        # XLA's own pooling: reduce_window, differentiated by XLA (select-and-scatter for max).
+        ops._max_pool = ops._reduce_max
+        ops._avg_pool = _reduce_avg
     try:
         t = time.perf_counter()
         compiled = fn.lower(state, *args).compile(opts)
         compile_s = time.perf_counter() - t
     finally:
-        ops._max_pool = saved
+        ops._max_pool, ops._avg_pool = saved
     holder = {"state": state}
+
+    holder["cpu"] = []
 
     def run(iters):
         def sample():
-            t = time.perf_counter()
+            c, t = time.process_time(), time.perf_counter()
             s = holder["state"]
             for _ in range(max(1, iters // steps)):
                 s, m = compiled(s, *args)
             jax.block_until_ready((s, m))
             holder["state"] = s
-            return (time.perf_counter() - t) / (max(1, iters // steps) * steps)
+            n = max(1, iters // steps) * steps
+            # CPU seconds of the whole process per step: robust to other processes' load
+            # (they delay us but do not add to our CPU time), unlike wall time.
+            holder["cpu"].append((time.process_time() - c) / n)
+            return (time.perf_counter() - t) / n
         return sample
 
-    return run, {"compile_s": compile_s, "flops_per_step": harness.xla_flops(compiled)}
+    return run, {"compile_s": compile_s, "flops_per_step": harness.xla_flops(compiled),
+                 "cpu": holder["cpu"]}
 
 
 def main(argv=None):
@@ -136,19 +165,24 @@ def main(argv=None):
             runners[c] = run(args.iters)
             print(f"  compiled {c}: {meta[c]['compile_s']:.1f} s", flush=True)
         samples = harness.interleave(runners, args.rounds, warmup=1)
-        base = None
+        base = best = base_cpu = None
         for c in args.configs:
             s = harness.summarize(samples[c], batch)
             base = base or s["median"]
             fpe = (meta[c]["flops_per_step"] or 0) / batch / (
                 args.scan_k if CONFIGS[c][2] == "scan" else 1)
+            best = best or s["max"]
+            cpu_ms = 1e3 * statistics.median(meta[c]["cpu"][1:] or meta[c]["cpu"])
+            base_cpu = base_cpu or cpu_ms
             print(f"  {c:40s} {s['median']:8.1f} ex/s [{s['min']:.1f}-{s['max']:.1f}]"
-                  f"  x{s['median'] / base:.2f}  {fpe * s['median'] / 1e9:6.1f} GFLOP/s",
-                  flush=True)
+                  f"  median x{s['median'] / base:.2f}, best x{s['max'] / best:.2f};"
+                  f" CPU {cpu_ms:7.1f} ms/step x{base_cpu / cpu_ms:.2f}"
+                  f"  {fpe * s['median'] / 1e9:6.1f} GFLOP/s", flush=True)
             results.append({"network": name, "side": side, "batch": batch, "config": c,
                             "options": {k: str(v) for k, v in CONFIGS[c][0].items()},
                             "custom_pool": CONFIGS[c][1], "kind": CONFIGS[c][2],
                             "ex_per_s": s, "compile_s": meta[c]["compile_s"],
+                            "cpu_s_per_step": meta[c]["cpu"][1:],
                             "flops_per_example": fpe,
                             "load": harness.load_average(), "threads": threads})
     if args.out:

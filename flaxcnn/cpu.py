@@ -25,9 +25,14 @@ OPT_OUT_ENV = "FLAXCNN_NO_XLA_DEFAULTS"
 
 # name -> value ("" means `--name=`). Keep in sync with benchmarks/xla_cpu_study.md.
 DEFAULT_XLA_FLAGS: dict[str, str] = {
-    # YNNPACK fusions make convolution backward passes 3-8x slower on these shapes; without them
-    # XLA:CPU uses its Eigen convolutions. Numerically equivalent (both are f32 convolutions).
-    "xla_cpu_experimental_ynn_fusion_type": "",
+    # YNNPACK for dots and reductions, not for convolutions: XLA's default list minus
+    # INDIVIDUAL_CONVOLUTION. YNNPACK's convolution backward passes are 3-8x slower than XLA's
+    # Eigen ones on these shapes; without YNNPACK at all, BatchNorm's per-channel reductions fall
+    # back to XLA's slow column reductions. Same float32 math either way. With flaxcnn's pooling
+    # this is the best or within 4% of the best setting for all seven networks, 1.06-1.8x XLA's
+    # default (benchmarks/xla_cpu_study.md).
+    "xla_cpu_experimental_ynn_fusion_type":
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
 }
 
 # What the last `apply_defaults` did: "applied", "already-set", "opted-out", "too-late",

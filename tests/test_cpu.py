@@ -24,8 +24,15 @@ if "--compile" in sys.argv:
         return jnp.sum(lax.conv_general_dilated(x, w, (1, 1), "SAME",
                        dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2)
     x, w = jnp.ones((2, 16, 16, 32)), jnp.ones((3, 3, 32, 64))
-    text = jax.jit(jax.grad(f, argnums=1)).lower(x, w).compile().as_text().lower()
-    out["ynn_in_hlo"] = "ynn" in text
+    text = jax.jit(jax.grad(f, argnums=1)).lower(x, w).compile().as_text()
+    comp, where = None, []
+    for line in text.splitlines():
+        if line and not line.startswith(" ") and "{" in line:
+            comp = line.split()[0]
+        if " convolution(" in line:
+            where.append(comp)
+    # XLA's own convolutions sit in the entry computation; YNNPACK's inside fusions.
+    out["conv_fused"] = any(c != "ENTRY" for c in where)
 print(json.dumps(out))
 """
 
@@ -52,7 +59,7 @@ def test_merge_keeps_user_flags():
 def test_defaults_applied_when_unset():
     out = probe({})
     assert out["status"] == "applied"
-    assert f"--{YNN}=" in out["flags"].split()
+    assert f"--{YNN}={cpu.DEFAULT_XLA_FLAGS[YNN]}" in out["flags"].split()
 
 
 def test_user_flag_preserved_and_others_merged():
@@ -62,7 +69,7 @@ def test_user_flag_preserved_and_others_merged():
     other = probe({"XLA_FLAGS": "--xla_dump_hlo_as_text"})
     assert other["status"] == "applied"
     assert other["flags"].split()[0] == "--xla_dump_hlo_as_text"
-    assert f"--{YNN}=" in other["flags"].split()
+    assert f"--{YNN}={cpu.DEFAULT_XLA_FLAGS[YNN]}" in other["flags"].split()
 
 
 def test_opt_out():
@@ -87,5 +94,5 @@ def test_too_late_changes_nothing():
 @pytest.mark.parametrize("opt_out", [False, True])
 def test_defaults_reach_the_compiler(opt_out):
     out = probe({cpu.OPT_OUT_ENV: "1"} if opt_out else {}, "--compile")
-    # With the defaults, the convolution is not lowered to a YNNPACK fusion.
-    assert out["ynn_in_hlo"] == opt_out
+    # With the defaults, convolutions are XLA's own, not YNNPACK fusions.
+    assert out["conv_fused"] == opt_out
