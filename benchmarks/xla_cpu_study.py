@@ -132,6 +132,33 @@ def build(name, batch, side, config, k_scan):
                  "cpu": holder["cpu"]}
 
 
+def report(rows) -> str:
+    """Network x configuration: median ex/s, its ratio to the first configuration, and the
+    ratio of CPU time per step (less sensitive to other processes' load)."""
+    nets = list(dict.fromkeys(r["network"] for r in rows))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    out = ["| configuration | " + " | ".join(
+        f"{n} @{next(r['side'] for r in rows if r['network'] == n)}" for n in nets) + " |",
+        "|---|" + "---|" * len(nets)]
+    by = {(r["network"], r["config"]): r for r in rows}
+    for c in configs:
+        cells = []
+        for n in nets:
+            r, b = by.get((n, c)), by.get((n, configs[0]))
+            if r is None or b is None:
+                cells.append("")
+                continue
+            cpu = statistics.median(r["cpu_s_per_step"]) if r.get("cpu_s_per_step") else None
+            cpu_b = statistics.median(b["cpu_s_per_step"]) if b.get("cpu_s_per_step") else None
+            med, base = r["ex_per_s"]["median"], b["ex_per_s"]["median"]
+            cell = f"{med:.1f} (×{med / base:.2f}"
+            if cpu and cpu_b:
+                cell += f"; CPU ×{cpu_b / cpu:.2f}"
+            cells.append(cell + ")")
+        out.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--networks", nargs="+", default=["alexnet", "googlenet", "resnet18"])
@@ -145,7 +172,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int)
     p.add_argument("--out", help="JSON file to append results to")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--report", metavar="JSON", help="print a markdown table of a results file")
     args = p.parse_args(argv)
+    if args.report:
+        print(report(json.loads(Path(args.report).read_text())))
+        return 0
     if args.list:
         for k, (o, pool, kind) in CONFIGS.items():
             print(f"{k:40s} pool={'custom' if pool else 's&s'} {kind} {o}")
