@@ -31,6 +31,8 @@ YNN = "xla_cpu_experimental_ynn_fusion_type"
 LIB = "LIBRARY_FUSION_TYPE_"
 OFF = {YNN: ""}
 RED = {YNN: f"{LIB}INDIVIDUAL_DOT,{LIB}REDUCE"}  # the chosen default (flaxcnn.cpu)
+# XLA's default list, written out (the flag's help text says it is empty; the HLO says this).
+YNN_ALL = {YNN: f"{LIB}INDIVIDUAL_DOT,{LIB}INDIVIDUAL_CONVOLUTION,{LIB}REDUCE"}
 
 # name -> (XLA compile options, custom pool gradient?, step kind)
 CONFIGS = {
@@ -62,6 +64,15 @@ CONFIGS = {
     "R+single-thread-eigen+pool": ({**RED, "xla_cpu_multi_thread_eigen": False}, True, "step"),
     "R+pool, no donation": (RED, True, "nodonate"),
     "R+pool, scan K steps": (RED, True, "scan"),
+    "R+pool+conv1x1": (RED, True, "step", "conv1x1"),
+    "R+ynn-conv+pool+conv1x1": (YNN_ALL, True, "step", "conv1x1"),
+    # Inference (eval mode, jitted model.apply), for the conv backend question.
+    "infer: R+pool": (RED, True, "infer"),
+    "infer: R+pool+conv1x1": (RED, True, "infer", "conv1x1"),
+    "infer: xla": ({}, False, "infer"),
+    "infer: ynn-conv+R+pool": (
+        YNN_ALL, True, "infer"),
+    "infer: ynn-conv+R+pool+conv1x1": (YNN_ALL, True, "infer", "conv1x1"),
 }
 DEFAULT_CONFIGS = ["xla", "xla+pool", "ynn-off", "ynn-off+pool", "ynn-reduce+dot+pool"]
 
@@ -74,14 +85,36 @@ def _reduce_avg(x, window, strides, padding):
                              ((0, 0), (ph, ph), (pw, pw), (0, 0))) / (kh * kw)
 
 
+class _Conv1x1Jnp:
+    """`jax.numpy` for flaxcnn.models.layers, except that the matrix product a 1x1 `Conv` now
+    is (a 4-D input) goes back to `lax.conv_general_dilated`, as the layer was before: the
+    "conv1x1" variant, measured without editing the models."""
+
+    def __getattr__(self, name):
+        import jax.numpy as jnp
+
+        return getattr(jnp, name)
+
+    def dot(self, x, kernel, precision=None):
+        import jax.numpy as jnp
+        from jax import lax
+
+        if x.ndim != 4:
+            return jnp.dot(x, kernel, precision=precision)
+        return lax.conv_general_dilated(x, kernel[None, None], (1, 1), ((0, 0), (0, 0)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=precision)
+
+
 def build(name, batch, side, config, k_scan):
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from flaxcnn import models, ops, recipes, training
+    from flaxcnn.models import layers
 
-    opts, custom_pool, kind = CONFIGS[config]
+    opts, custom_pool, kind, *extra = CONFIGS[config]
     model = models.create(name)
     state = training.create_train_state(model, jax.random.key(0), side,
                                         training.sgd(recipes.get(name).lr))
@@ -95,23 +128,31 @@ def build(name, batch, side, config, k_scan):
             return jax.lax.scan(lambda s, b: training.train_step(s, *b), state, (xs, ys))
 
         fn, args, steps = jax.jit(many, donate_argnums=0), (xs, ys), k_scan
+    elif kind == "infer":
+        def infer(state, x):
+            v = {"params": state.params}
+            if state.batch_stats:
+                v["batch_stats"] = state.batch_stats
+            return state, model.apply(v, x, train=False)
+
+        fn, args, steps = jax.jit(infer), (x,), 1
     else:
         fn = jax.jit(training.train_step, donate_argnums=() if kind == "nodonate" else 0)
         args, steps = (x, y), 1
-    saved = ops._max_pool, ops._avg_pool
+    saved = ops._max_pool, ops._avg_pool, layers.jnp
     if not custom_pool:
         # XLA's own pooling: reduce_window, differentiated by XLA (select-and-scatter for max).
         ops._max_pool = ops._reduce_max
         ops._avg_pool = _reduce_avg
+    if "conv1x1" in extra:
+        layers.jnp = _Conv1x1Jnp()
     try:
         t = time.perf_counter()
         compiled = fn.lower(state, *args).compile(opts)
         compile_s = time.perf_counter() - t
     finally:
-        ops._max_pool, ops._avg_pool = saved
-    holder = {"state": state}
-
-    holder["cpu"] = []
+        ops._max_pool, ops._avg_pool, layers.jnp = saved
+    holder = {"state": state, "cpu": []}
 
     def run(iters):
         def sample():
@@ -178,8 +219,8 @@ def main(argv=None):
         print(report(json.loads(Path(args.report).read_text())))
         return 0
     if args.list:
-        for k, (o, pool, kind) in CONFIGS.items():
-            print(f"{k:40s} pool={'custom' if pool else 's&s'} {kind} {o}")
+        for k, (o, pool, kind, *extra) in CONFIGS.items():
+            print(f"{k:40s} pool={'custom' if pool else 's&s'} {kind} {extra} {o}")
         return 0
     threads = harness.set_threads(args.threads)
     import flaxcnn  # noqa: F401
@@ -212,6 +253,7 @@ def main(argv=None):
             results.append({"network": name, "side": side, "batch": batch, "config": c,
                             "options": {k: str(v) for k, v in CONFIGS[c][0].items()},
                             "custom_pool": CONFIGS[c][1], "kind": CONFIGS[c][2],
+                            "model_variant": list(CONFIGS[c][3:]),
                             "ex_per_s": s, "compile_s": meta[c]["compile_s"],
                             "cpu_s_per_step": meta[c]["cpu"][1:],
                             "flops_per_example": fpe,
