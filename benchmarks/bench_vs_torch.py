@@ -150,6 +150,11 @@ class TorchSide:
         self.net = net
         self.x, self.y = xt, torch.tensor(y, dtype=torch.long, device=self.dev)
         self.opt = torch.optim.SGD(net.parameters(), lr=recipes.get(name).lr)
+        if mode == "compile":
+            # Dynamo counts recompilations per code object across networks (train, eval and
+            # no-grad variants of each); without a reset the fifth network hits its limit and
+            # silently runs eager.
+            torch._dynamo.reset()
         self.fn = torch.compile(net) if mode == "compile" else net
         self.train_compile_s = self.infer_compile_s = None
         self.error = None

@@ -57,6 +57,12 @@ CONFIGS = {
     "R+onednn-dot+pool": (
         {**RED, "xla_cpu_use_onednn": True,
          "xla_cpu_experimental_onednn_fusion_type": LIB + "DOT"}, True, "step"),
+    "R+onednn-custom-calls+pool": (
+        {**RED, "xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_custom_call": True},
+        True, "step"),
+    "R+xnn-conv+pool": (
+        {**RED, "xla_cpu_experimental_xnn_fusion_type": LIB + "INDIVIDUAL_CONVOLUTION"},
+        True, "step"),
     "R+vec512+pool": ({**RED, "xla_cpu_prefer_vector_width": 512}, True, "step"),
     "R+no-concurrency-sched+pool": (
         {**RED, "xla_cpu_enable_concurrency_optimized_scheduler": False}, True, "step"),
@@ -65,11 +71,19 @@ CONFIGS = {
     "R+pool, no donation": (RED, True, "nodonate"),
     "R+pool, scan K steps": (RED, True, "scan"),
     "R+pool+conv1x1": (RED, True, "step", "conv1x1"),
+    "R+pool+conv1ch": (RED, True, "step", "conv1ch"),
     "R+ynn-conv+pool+conv1x1": (YNN_ALL, True, "step", "conv1x1"),
     # Inference (eval mode, jitted model.apply), for the conv backend question.
     "infer: R+pool": (RED, True, "infer"),
     "infer: R+pool+conv1x1": (RED, True, "infer", "conv1x1"),
+    "infer: R+pool+conv1ch": (RED, True, "infer", "conv1ch"),
     "infer: xla": ({}, False, "infer"),
+    "infer: onednn-custom-calls+R+pool": (
+        {**RED, "xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_custom_call": True},
+        True, "infer"),
+    "infer: xnn-conv+R+pool": (
+        {**RED, "xla_cpu_experimental_xnn_fusion_type": LIB + "INDIVIDUAL_CONVOLUTION"},
+        True, "infer"),
     "infer: ynn-conv+R+pool": (
         YNN_ALL, True, "infer"),
     "infer: ynn-conv+R+pool+conv1x1": (YNN_ALL, True, "infer", "conv1x1"),
@@ -139,19 +153,21 @@ def build(name, batch, side, config, k_scan):
     else:
         fn = jax.jit(training.train_step, donate_argnums=() if kind == "nodonate" else 0)
         args, steps = (x, y), 1
-    saved = ops._max_pool, ops._avg_pool, layers.jnp
+    saved = ops._max_pool, ops._avg_pool, layers.jnp, ops.conv_one_channel
     if not custom_pool:
         # XLA's own pooling: reduce_window, differentiated by XLA (select-and-scatter for max).
         ops._max_pool = ops._reduce_max
         ops._avg_pool = _reduce_avg
     if "conv1x1" in extra:
         layers.jnp = _Conv1x1Jnp()
+    if "conv1ch" in extra:  # one-channel convolutions through XLA's convolution, as before
+        ops.conv_one_channel = lambda x, kernel, padding: ops.conv_nhwc(x, kernel, 1, padding)
     try:
         t = time.perf_counter()
         compiled = fn.lower(state, *args).compile(opts)
         compile_s = time.perf_counter() - t
     finally:
-        ops._max_pool, ops._avg_pool, layers.jnp = saved
+        ops._max_pool, ops._avg_pool, layers.jnp, ops.conv_one_channel = saved
     holder = {"state": state, "cpu": []}
 
     def run(iters):

@@ -181,3 +181,26 @@ def test_global_avg_pool():
     x = inputs("random", (2, 9, 8, 3), 1)
     np.testing.assert_allclose(
         ops.global_avg_pool(jnp.asarray(x))[:, 0, 0], x.mean(axis=(1, 2)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("k,p,side", [(5, 2, 28), (3, 1, 33), (5, 0, 14), (1, 0, 7)])
+def test_conv_one_channel_matches_xla_convolution(k, p, side):
+    """Values within float32 rounding of XLA's convolution; gradients are the convolution's."""
+    kx, kw, kg = jax.random.split(jax.random.key(k * 100 + side), 3)
+    x = jax.random.normal(kx, (3, side, side, 1))
+    w = jax.random.normal(kw, (k, k, 1, 4)) * 0.3
+    ref = ops.conv_nhwc(x, w, 1, p)
+    got = jax.jit(ops.conv_one_channel, static_argnums=2)(x, w, p)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    g = jax.random.normal(kg, ref.shape)
+    loss = lambda f: lambda x, w: jnp.vdot(f(x, w), g)  # noqa: E731
+    dx, dw = jax.grad(loss(lambda x, w: ops.conv_one_channel(x, w, p)), (0, 1))(x, w)
+    rx, rw = jax.grad(loss(lambda x, w: ops.conv_nhwc(x, w, 1, p)), (0, 1))(x, w)
+    np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-4)
+
+
+def test_conv_one_channel_rejects_several_channels():
+    with pytest.raises(ValueError, match="one input channel"):
+        ops.conv_one_channel(jnp.zeros((1, 8, 8, 2)), jnp.zeros((3, 3, 2, 4)), 1)
