@@ -11,13 +11,20 @@ weights (PyTorch's, ported with `flaxcnn.porting`) and the same number of thread
 - compile time (XLA's lower+compile; torch.compile's first call minus a steady call);
 - peak memory of a training run of each, each in its own child process;
 - FLOPs per example from XLA's cost analysis, and the achieved GFLOP/s as a fraction of this
-  machine's f32 GEMM peak, measured (jnp.dot and torch.mm, the best of both) in the same run.
+  machine's GEMM peak (f32, or bf16 with `--dtype bfloat16`), measured (jnp.dot and torch.mm,
+  the best of both) in the same run.
 
 Writes benchmarks/results/<device kind>.{json,md,png}.
 
     python benchmarks/bench_vs_torch.py                         # all seven networks, CPU
     python benchmarks/bench_vs_torch.py --networks resnet18 --batch 16 --rounds 3
     python benchmarks/bench_vs_torch.py --device gpu            # on a CUDA machine
+    python benchmarks/bench_vs_torch.py --device gpu --dtype bfloat16
+
+`--dtype bfloat16` is mixed precision on both sides: flaxcnn's networks with `dtype=bfloat16`
+(bfloat16 activations and matrix products, float32 parameters, BatchNorm statistics and loss,
+as `train.py --dtype bfloat16`) against the same PyTorch networks under
+`torch.autocast(dtype=torch.bfloat16)`; the GEMM peak is then bfloat16's.
 """
 
 from __future__ import annotations
@@ -74,14 +81,14 @@ def make_batch(batch: int, side: int, seed: int = 0):
 # ----------------------------------------------------------------------------- JAX side
 
 class JaxSide:
-    def __init__(self, name, side, torch_net, x, y, device):
+    def __init__(self, name, side, torch_net, x, y, device, dtype="float32"):
         import jax
         import jax.numpy as jnp
 
         from flaxcnn import models, porting, recipes, training
 
         self.jax = jax
-        model = models.create(name)
+        model = models.create(name, dtype=jnp.dtype(dtype))
         state = training.create_train_state(model, jax.random.key(0), side,
                                             training.sgd(recipes.get(name).lr))
         variables = porting.torch_to_flax(torch_net, model, (1, side, side, 1))
@@ -134,7 +141,9 @@ class JaxSide:
 class TorchSide:
     """One PyTorch mode: its own copy of the network (same initial weights) and optimizer."""
 
-    def __init__(self, mode, name, net, x, y, device):
+    def __init__(self, mode, name, net, x, y, device, dtype="float32"):
+        import contextlib
+
         import torch
         import torch.nn.functional as F
 
@@ -142,6 +151,8 @@ class TorchSide:
 
         self.torch, self.F, self.mode = torch, F, mode
         self.dev = torch.device("cuda" if device == "gpu" else "cpu")
+        self.autocast = (lambda: torch.autocast(self.dev.type, dtype=torch.bfloat16)) \
+            if dtype == "bfloat16" else contextlib.nullcontext
         net = copy.deepcopy(net).to(self.dev)
         xt = torch.tensor(x).permute(0, 3, 1, 2).contiguous().to(self.dev)
         if mode in ("channels_last", "compile"):
@@ -165,8 +176,9 @@ class TorchSide:
 
     def _train_step(self):
         self.opt.zero_grad(set_to_none=True)
-        out = self.fn(self.x)
-        loss = self.F.cross_entropy(out, self.y)
+        with self.autocast():
+            out = self.fn(self.x)
+        loss = self.F.cross_entropy(out.float(), self.y)
         loss.backward()
         self.opt.step()
         return loss.detach(), (out.detach().argmax(1) == self.y).sum()
@@ -183,7 +195,7 @@ class TorchSide:
             self.train_compile_s = max(first - steady, 0.0)
         self.net.eval()
         t = time.perf_counter()
-        with self.torch.inference_mode():
+        with self.torch.inference_mode(), self.autocast():
             self.fn(self.x)
         self._sync()
         first = time.perf_counter() - t
@@ -203,7 +215,7 @@ class TorchSide:
     def infer_steps(self, n):
         self.net.eval()
         t = time.perf_counter()
-        with self.torch.inference_mode():
+        with self.torch.inference_mode(), self.autocast():
             for _ in range(n):
                 self.fn(self.x)
         self._sync()
@@ -213,7 +225,7 @@ class TorchSide:
 
 # ----------------------------------------------------------------------------- memory (child)
 
-def memory_child(name, mode, batch, side, device, threads):
+def memory_child(name, mode, batch, side, device, threads, dtype="float32"):
     """Peak resident memory of a training run of `mode`, in this (fresh) process: the kernel's
     peak-RSS counter is reset after warm-up (compilation) and read after a few steps; the RSS
     before the network was built is subtracted. On a GPU: the device allocator's peak."""
@@ -237,8 +249,8 @@ def memory_child(name, mode, batch, side, device, threads):
     base = harness.rss_mib()
     torch.manual_seed(0)
     net = torch_ref.create(name)
-    side_obj = JaxSide(name, side, net, x, y, device) if mode == "jax" else \
-        TorchSide(mode, name, net, x, y, device)
+    side_obj = JaxSide(name, side, net, x, y, device, dtype) if mode == "jax" else \
+        TorchSide(mode, name, net, x, y, device, dtype)
     del net
     if mode != "jax":
         side_obj.warm_up()
@@ -272,7 +284,7 @@ def bench_network(name, args, device):
     net = torch_ref.create(name)
     res = {"network": name, "side": side, "batch": batch, "data": data_src}
 
-    jx = JaxSide(name, side, net, x, y, device)
+    jx = JaxSide(name, side, net, x, y, device, args.dtype)
     log(f"  JAX compile: train {jx.train_compile_s:.1f} s, inference {jx.infer_compile_s:.1f} s")
     # Same weights, same batch: eval-mode logits must agree before anything is trained.
     net.eval()
@@ -285,7 +297,7 @@ def bench_network(name, args, device):
     errors = {}
     for mode in args.torch_modes:
         try:
-            s = TorchSide(mode, name, net, x, y, device)
+            s = TorchSide(mode, name, net, x, y, device, args.dtype)
             s.warm_up()
             sides[mode] = s
             if s.train_compile_s is not None:
@@ -335,7 +347,8 @@ def bench_network(name, args, device):
         for mode in ["jax", *[m for m in args.torch_modes if m not in errors]]:
             out = harness.run_child(
                 [str(Path(__file__).resolve()), "--memory-child", name, mode, str(batch),
-                 str(side), "--device", device, "--threads", str(args.threads_used)],
+                 str(side), "--device", device, "--threads", str(args.threads_used),
+                 "--dtype", args.dtype],
                 timeout=args.child_timeout)
             res["peak_memory_mib"][mode] = out.get("peak_mib")
             if "error" in out:
@@ -392,9 +405,13 @@ def markdown(report) -> str:
         f"Date: {report['date']}. Command: `{report['command']}`",
         f"Load average (1/5/15 min) at start {report['load_start']}, at end {report['load_end']}.",
         "",
-        f"f32 GEMM peak measured in this run: **{peak:.0f} GFLOP/s** (best of jnp.dot "
+        f"{report['args'].get('dtype', 'float32')} GEMM peak measured in this run: "
+        f"**{peak:.0f} GFLOP/s** (best of jnp.dot "
         f"{report['gemm']['jax_best']:.0f} and torch.mm {report['gemm']['torch_best']:.0f}, "
-        "n = 1024-3072, at start and end).",
+        "square matrices, at start and end)."
+        + (" Mixed precision on both sides: bfloat16 activations and matrix products, float32 "
+           "parameters (flaxcnn `dtype=bfloat16`; PyTorch `torch.autocast(dtype=torch.bfloat16)`)."
+           if report["args"].get("dtype") == "bfloat16" else ""),
         "",
         "## Training (examples/s, median (min-max) of interleaved samples)",
         "",
@@ -527,6 +544,8 @@ def main(argv=None):
     p.add_argument("--iters", type=int, help="fixed steps per sample (overrides --sample-s)")
     p.add_argument("--torch-modes", nargs="+", default=TORCH_MODES, choices=TORCH_MODES)
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: mixed precision on both sides (see the module docstring)")
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--child-timeout", type=float, default=1200)
     p.add_argument("--out-dir", default=str(harness.RESULTS))
@@ -543,7 +562,7 @@ def main(argv=None):
     if args.memory_child:
         net, mode, batch, side = args.memory_child
         print(json.dumps(memory_child(net, mode, int(batch), int(side), args.device,
-                                      args.threads_used)))
+                                      args.threads_used, args.dtype)))
         return 0
 
     import jax
@@ -565,6 +584,8 @@ def main(argv=None):
         kind = f"cpu-{harness.slug(harness.cpu_model())}-{args.threads_used}t"
     else:
         kind = "gpu-" + harness.slug(torch.cuda.get_device_name())
+    if args.dtype != "float32":
+        kind += "-bf16"
     report = {
         "device": args.device, "device_kind": kind,
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
@@ -576,16 +597,16 @@ def main(argv=None):
     }
     tdev = "cuda" if args.device == "gpu" else "cpu"
     sizes = (2048, 4096, 8192) if args.device == "gpu" else (1024, 2048, 3072)
-    gemm = {"jax": [harness.gemm_peak_jax(sizes)], "torch": [harness.gemm_peak_torch(sizes,
-                                                                                    device=tdev)]}
-    log(f"GEMM f32 GFLOP/s: jax {gemm['jax'][0]['gflops']:.0f}, "
+    gemm = {"jax": [harness.gemm_peak_jax(sizes, dtype=args.dtype)],
+            "torch": [harness.gemm_peak_torch(sizes, device=tdev, dtype=args.dtype)]}
+    log(f"GEMM {args.dtype} GFLOP/s: jax {gemm['jax'][0]['gflops']:.0f}, "
         f"torch {gemm['torch'][0]['gflops']:.0f}")
 
     results = []
     for name in args.networks:
         results.append(bench_network(name, args, args.device))
-    gemm["jax"].append(harness.gemm_peak_jax(sizes))
-    gemm["torch"].append(harness.gemm_peak_torch(sizes, device=tdev))
+    gemm["jax"].append(harness.gemm_peak_jax(sizes, dtype=args.dtype))
+    gemm["torch"].append(harness.gemm_peak_torch(sizes, device=tdev, dtype=args.dtype))
     report["load_end"] = harness.load_average()
     report["gemm"] = {
         "runs": gemm,

@@ -154,15 +154,15 @@ def interleave(runners: dict, rounds: int, warmup: int = 1, log=None) -> dict[st
 
 # ----------------------------------------------------------------------------- GEMM peak
 
-def gemm_peak_jax(sizes=(1024, 2048, 3072), reps: int = 5) -> dict:
-    """The best f32 GFLOP/s of an n*n @ n*n jnp.dot over `sizes`, under the active XLA flags."""
+def gemm_peak_jax(sizes=(1024, 2048, 3072), reps: int = 5, dtype: str = "float32") -> dict:
+    """The best GFLOP/s of an n*n @ n*n jnp.dot over `sizes`, under the active XLA flags."""
     import jax
     import jax.numpy as jnp
 
     best = {}
     for n in sizes:
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
         f = jax.jit(lambda a, b: jnp.dot(a, b, precision="highest"))
         f(a, b).block_until_ready()
         ts = []
@@ -174,13 +174,14 @@ def gemm_peak_jax(sizes=(1024, 2048, 3072), reps: int = 5) -> dict:
     return {"gflops": max(best.values()), "by_size": best}
 
 
-def gemm_peak_torch(sizes=(1024, 2048, 3072), reps: int = 5, device: str = "cpu") -> dict:
+def gemm_peak_torch(sizes=(1024, 2048, 3072), reps: int = 5, device: str = "cpu",
+                    dtype: str = "float32") -> dict:
     import torch
 
     best = {}
     for n in sizes:
-        a = torch.randn(n, n, device=device)
-        b = torch.randn(n, n, device=device)
+        a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+        b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
         torch.mm(a, b)
         ts = []
         for _ in range(reps):

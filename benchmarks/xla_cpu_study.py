@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,12 +71,12 @@ CONFIGS = {
     "R+single-thread-eigen+pool": ({**RED, "xla_cpu_multi_thread_eigen": False}, True, "step"),
     "R+pool, no donation": (RED, True, "nodonate"),
     "R+pool, scan K steps": (RED, True, "scan"),
-    "R+pool+conv1x1": (RED, True, "step", "conv1x1"),
+    "R+pool+dot1x1": (RED, True, "step", "dot1x1"),
     "R+pool+conv1ch": (RED, True, "step", "conv1ch"),
-    "R+ynn-conv+pool+conv1x1": (YNN_ALL, True, "step", "conv1x1"),
+    "R+ynn-conv+pool+dot1x1": (YNN_ALL, True, "step", "dot1x1"),
     # Inference (eval mode, jitted model.apply), for the conv backend question.
     "infer: R+pool": (RED, True, "infer"),
-    "infer: R+pool+conv1x1": (RED, True, "infer", "conv1x1"),
+    "infer: R+pool+dot1x1": (RED, True, "infer", "dot1x1"),
     "infer: R+pool+conv1ch": (RED, True, "infer", "conv1ch"),
     "infer: xla": ({}, False, "infer"),
     "infer: onednn-custom-calls+R+pool": (
@@ -86,7 +87,7 @@ CONFIGS = {
         True, "infer"),
     "infer: ynn-conv+R+pool": (
         YNN_ALL, True, "infer"),
-    "infer: ynn-conv+R+pool+conv1x1": (YNN_ALL, True, "infer", "conv1x1"),
+    "infer: ynn-conv+R+pool+dot1x1": (YNN_ALL, True, "infer", "dot1x1"),
 }
 DEFAULT_CONFIGS = ["xla", "xla+pool", "ynn-off", "ynn-off+pool", "ynn-reduce+dot+pool"]
 
@@ -99,25 +100,15 @@ def _reduce_avg(x, window, strides, padding):
                              ((0, 0), (ph, ph), (pw, pw), (0, 0))) / (kh * kw)
 
 
-class _Conv1x1Jnp:
-    """`jax.numpy` for flaxcnn.models.layers, except that the matrix product a 1x1 `Conv` now
-    is (a 4-D input) goes back to `lax.conv_general_dilated`, as the layer was before: the
-    "conv1x1" variant, measured without editing the models."""
+def _dot1x1(conv, x, kernel, strides, padding, precision=None):
+    """`ops.conv_nhwc`, except that a 1x1, stride-1, unpadded convolution is computed as the
+    (N*H*W, C) @ (C, O) matrix product it is (the "dot1x1" variant)."""
+    import jax.numpy as jnp
 
-    def __getattr__(self, name):
-        import jax.numpy as jnp
-
-        return getattr(jnp, name)
-
-    def dot(self, x, kernel, precision=None):
-        import jax.numpy as jnp
-        from jax import lax
-
-        if x.ndim != 4:
-            return jnp.dot(x, kernel, precision=precision)
-        return lax.conv_general_dilated(x, kernel[None, None], (1, 1), ((0, 0), (0, 0)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        precision=precision)
+    if kernel.shape[:2] == (1, 1) and strides in (1, (1, 1)) and padding in (0, (0, 0)):
+        y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel[0, 0], precision=precision)
+        return y.reshape(*x.shape[:-1], kernel.shape[-1])
+    return conv(x, kernel, strides, padding, precision)
 
 
 def build(name, batch, side, config, k_scan):
@@ -126,7 +117,6 @@ def build(name, batch, side, config, k_scan):
     import numpy as np
 
     from flaxcnn import models, ops, recipes, training
-    from flaxcnn.models import layers
 
     opts, custom_pool, kind, *extra = CONFIGS[config]
     model = models.create(name)
@@ -153,13 +143,13 @@ def build(name, batch, side, config, k_scan):
     else:
         fn = jax.jit(training.train_step, donate_argnums=() if kind == "nodonate" else 0)
         args, steps = (x, y), 1
-    saved = ops._max_pool, ops._avg_pool, layers.jnp, ops.conv_one_channel
+    saved = ops._max_pool, ops._avg_pool, ops.conv_nhwc, ops.conv_one_channel
     if not custom_pool:
         # XLA's own pooling: reduce_window, differentiated by XLA (select-and-scatter for max).
         ops._max_pool = ops._reduce_max
         ops._avg_pool = _reduce_avg
-    if "conv1x1" in extra:
-        layers.jnp = _Conv1x1Jnp()
+    if "dot1x1" in extra:  # 1x1 convolutions as (N*H*W, C) @ (C, O) matrix products
+        ops.conv_nhwc = partial(_dot1x1, saved[2])
     if "conv1ch" in extra:  # one-channel convolutions through XLA's convolution, as before
         ops.conv_one_channel = lambda x, kernel, padding: ops.conv_nhwc(x, kernel, 1, padding)
     try:
@@ -167,7 +157,7 @@ def build(name, batch, side, config, k_scan):
         compiled = fn.lower(state, *args).compile(opts)
         compile_s = time.perf_counter() - t
     finally:
-        ops._max_pool, ops._avg_pool, layers.jnp, ops.conv_one_channel = saved
+        ops._max_pool, ops._avg_pool, ops.conv_nhwc, ops.conv_one_channel = saved
     holder = {"state": state, "cpu": []}
 
     def run(iters):

@@ -50,11 +50,6 @@ class Conv(nn.Module):
         kernel = self.param("kernel", xavier_uniform, (k, k, x.shape[-1], self.features))
         bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if k == 1 and self.strides == 1 and p == 0:
-            # The same sums as a (N*H*W, C) @ (C, O) product: XLA:CPU runs it, and its gradients,
-            # as plain GEMMs, without the transposed copies it makes for convolution gradients
-            # (NiN trains 10% faster, GoogLeNet 4%, DenseNet 3%: benchmarks/xla_cpu_study.md).
-            return jnp.dot(x, kernel[0, 0], precision=self.precision) + bias
         if x.shape[-1] == 1 and self.strides == 1 and k <= 5 and x.dtype == jnp.float32:
             # LeNet's and VGG's first layers: XLA:CPU is slow on one input channel (ops.py).
             return ops.conv_one_channel(x, kernel, p) + bias

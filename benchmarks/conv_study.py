@@ -1,0 +1,96 @@
+"""One convolution layer of the book's networks, forward and forward+backward, three ways on
+XLA:CPU: XLA's convolution (`ops.conv_nhwc`), im2col (k*k strided slices concatenated, one
+GEMM; autodiff gives the gradients) and, for one input channel, `ops.conv_one_channel`.
+
+The evidence behind flaxcnn's convolution choices (benchmarks/xla_cpu_study.md): im2col loses
+to XLA's convolution at every shape here; k*k multiply-adds win for small one-channel kernels.
+
+    python benchmarks/conv_study.py                 # all shapes
+    python benchmarks/conv_study.py resnet lenet    # shapes whose name contains a word
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+# name: (batch, side, in channels, out channels, kernel, stride, padding)
+SHAPES = {
+    "alexnet conv1 11x11/4, 1->96 @224": (32, 224, 1, 96, 11, 4, 1),
+    "alexnet conv2 5x5, 96->256 @26": (32, 26, 96, 256, 5, 1, 2),
+    "alexnet conv3 3x3, 256->384 @12": (32, 12, 256, 384, 3, 1, 1),
+    "vgg conv1 3x3, 1->16 @224": (32, 224, 1, 16, 3, 1, 1),
+    "vgg conv2 3x3, 16->32 @112": (32, 112, 16, 32, 3, 1, 1),
+    "resnet stem 7x7/2, 1->64 @96": (32, 96, 1, 64, 7, 2, 3),
+    "resnet 3x3, 64 @24": (32, 24, 64, 64, 3, 1, 1),
+    "resnet 3x3, 128 @12": (32, 12, 128, 128, 3, 1, 1),
+    "resnet 3x3, 256 @6": (32, 6, 256, 256, 3, 1, 1),
+    "googlenet 3x3, 96->128 @12": (32, 12, 96, 128, 3, 1, 1),
+    "googlenet 5x5, 16->32 @12": (32, 12, 16, 32, 5, 1, 2),
+    "lenet conv1 5x5, 1->6 @28": (256, 28, 1, 6, 5, 1, 2),
+    "lenet conv2 5x5, 6->16 @14": (256, 14, 6, 16, 5, 1, 0),
+}
+
+
+def im2col(x, w, s, p):
+    import jax.numpy as jnp
+    from jax import lax
+
+    k = w.shape[0]
+    n, h, wd, c = x.shape
+    ho, wo = (h + 2 * p - k) // s + 1, (wd + 2 * p - k) // s + 1
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    cols = [lax.slice(xp, (0, i, j, 0), (n, i + s * (ho - 1) + 1, j + s * (wo - 1) + 1, c),
+                      (1, s, s, 1)) for i in range(k) for j in range(k)]
+    return jnp.dot(jnp.concatenate(cols, axis=-1), w.reshape(k * k * c, -1))
+
+
+def median_ms(f, *a, n=7):
+    import jax
+
+    jax.block_until_ready(f(*a))
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*a))
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[n // 2] * 1e3
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("select", nargs="*", help="words; shapes whose name contains one")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    import flaxcnn  # noqa: F401 - XLA:CPU defaults
+    from flaxcnn import ops
+
+    print("| layer (batch) | XLA conv fwd / fwd+bwd ms | im2col fwd / fwd+bwd ms "
+          "| k*k multiply-adds fwd / fwd+bwd ms |\n|---|---|---|---|")
+    for name, (n, h, c, o, k, s, pad) in SHAPES.items():
+        if args.select and not any(w in name for w in args.select):
+            continue
+        x = jax.random.normal(jax.random.key(0), (n, h, h, c))
+        w = jax.random.normal(jax.random.key(1), (k, k, c, o)) * 0.05
+        impls = {"xla": lambda x, w, s=s, pad=pad: ops.conv_nhwc(x, w, s, pad),
+                 "im2col": lambda x, w, s=s, pad=pad: im2col(x, w, s, pad)}
+        if c == 1 and s == 1:
+            impls["shift"] = lambda x, w, pad=pad: ops.conv_one_channel(x, w, pad)
+        # The first layer's input needs no gradient; the others' do.
+        argnums = (1,) if c == 1 else (0, 1)
+        cells = {}
+        for key, f in impls.items():
+            fwd = jax.jit(f)
+            grad = jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w))), argnums))
+            cells[key] = f"{median_ms(fwd, x, w):.1f} / {median_ms(grad, x, w):.1f}"
+        print(f"| {name} ({n}) | {cells['xla']} | {cells['im2col']} | "
+              f"{cells.get('shift', '-')} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
