@@ -222,7 +222,15 @@ def main(argv=None):
     p.add_argument("--report", metavar="JSON", help="print a markdown table of a results file")
     args = p.parse_args(argv)
     if args.report:
-        print(report(json.loads(Path(args.report).read_text())))
+        data = json.loads(Path(args.report).read_text())
+        # a list of rows (--out), or results/xla_cpu_study.json: {"runs": {name: rows}}
+        runs = data["runs"] if isinstance(data, dict) else {args.report: data}
+        for name, rows in runs.items():
+            print(f"{name}:\n")
+            for part in ([r for r in rows if r["kind"] != "infer"],
+                         [r for r in rows if r["kind"] == "infer"]):
+                if part:
+                    print(report(part) + "\n")
         return 0
     if args.list:
         for k, (o, pool, kind, *extra) in CONFIGS.items():

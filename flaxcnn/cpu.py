@@ -29,8 +29,8 @@ DEFAULT_XLA_FLAGS: dict[str, str] = {
     # INDIVIDUAL_CONVOLUTION. YNNPACK's convolution backward passes are 3-8x slower than XLA's
     # Eigen ones on these shapes; without YNNPACK at all, BatchNorm's per-channel reductions fall
     # back to XLA's slow column reductions. Same float32 math either way. With flaxcnn's pooling
-    # this is the best or within 4% of the best setting for all seven networks, 1.06-1.8x XLA's
-    # default (benchmarks/xla_cpu_study.md).
+    # this is the best setting measured (within noise) for all seven networks, 1.2-2.0x XLA's
+    # default in training (benchmarks/xla_cpu_study.md).
     "xla_cpu_experimental_ynn_fusion_type":
         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
 }
