@@ -209,9 +209,9 @@ def table(doc) -> str:
         "# SVM on Fashion-MNIST: flaxcnn.svm (JAX) vs scikit-learn SVC (libsvm), CPU",
         "",
         f"Machine: {m.get('Model name', '?')} (KVM guest, Zen 4 with AVX-512), "
-        f"{m.get('CPU(s)', '?')} cores, {m.get('MemTotal', '?')} RAM, shared with other jobs: "
-        "wall times move with their load (load averages and CPU seconds per run below; "
-        "libsvm uses one core, ours both). "
+        f"{m.get('CPU(s)', '?')} cores, {m.get('MemTotal', '?')} RAM. Wall times move with "
+        "other processes' load: each run's load average and CPU seconds are listed below "
+        "(libsvm uses one core, ours both). "
         f"jax {m.get('jax', '?')}, scikit-learn {m.get('sklearn', '?')}, "
         f"XLA_FLAGS='{m.get('XLA_FLAGS', '')}', "
         f"FLAXCNN_NO_XLA_DEFAULTS='{m.get('FLAXCNN_NO_XLA_DEFAULTS', '')}'.",
