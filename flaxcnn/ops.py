@@ -259,7 +259,8 @@ def conv_one_channel(x, kernel, padding):
     shifted multiply-adds, with XLA's convolution gradients.
 
     XLA:CPU runs a convolution with one input channel at a few GFLOP/s (LeNet's first layer at
-    batch 256: 12 ms forward); the k*k broadcast multiply-adds are one elementwise loop (1.2 ms).
+    batch 256: 10 ms forward); the k*k broadcast multiply-adds are one elementwise loop (1.3 ms;
+    benchmarks/conv_study.py).
     Differentiating that loop would give k*k reductions, so the gradients are the convolution's.
     Float32 sums in another order: within 1e-6 of `conv_nhwc`."""
     k_h, k_w, c, _ = kernel.shape

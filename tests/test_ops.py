@@ -204,3 +204,18 @@ def test_conv_one_channel_matches_xla_convolution(k, p, side):
 def test_conv_one_channel_rejects_several_channels():
     with pytest.raises(ValueError, match="one input channel"):
         ops.conv_one_channel(jnp.zeros((1, 8, 8, 2)), jnp.zeros((3, 3, 2, 4)), 1)
+
+
+def test_one_channel_convolution_only_on_cpu():
+    """LeNet's first layer is k*k multiply-adds on a CPU; a GPU or TPU keeps its convolution."""
+    from jax import export
+
+    from flaxcnn import models
+
+    model = models.create("lenet_bn")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    x = jnp.zeros((2, 28, 28, 1))
+    convs = {p: export.export(apply, platforms=[p])(variables, x).mlir_module().count(
+        "stablehlo.convolution") for p in ("cpu", "cuda", "tpu")}
+    assert convs == {"cpu": 1, "cuda": 2, "tpu": 2}

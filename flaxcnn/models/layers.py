@@ -10,6 +10,7 @@ the `Sequential` adopts them as its own children rather than the enclosing netwo
 """
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -50,10 +51,14 @@ class Conv(nn.Module):
         kernel = self.param("kernel", xavier_uniform, (k, k, x.shape[-1], self.features))
         bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        conv = partial(ops.conv_nhwc, strides=self.strides, padding=p, precision=self.precision)
         if x.shape[-1] == 1 and self.strides == 1 and k <= 5 and x.dtype == jnp.float32:
-            # LeNet's and VGG's first layers: XLA:CPU is slow on one input channel (ops.py).
-            return ops.conv_one_channel(x, kernel, p) + bias
-        return ops.conv_nhwc(x, kernel, self.strides, p, self.precision) + bias
+            # LeNet's and VGG's first layers: XLA:CPU is slow on one input channel (ops.py);
+            # other platforms keep their convolution (chosen when the step is compiled).
+            y = jax.lax.platform_dependent(
+                x, kernel, cpu=partial(ops.conv_one_channel, padding=p), default=conv)
+            return y + bias
+        return conv(x, kernel) + bias
 
 
 class Dense(nn.Module):
