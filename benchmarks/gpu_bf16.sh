@@ -16,16 +16,6 @@
 #
 # Without the tool (any machine with a CUDA JAX): `OUT=benchmarks/results bash
 # benchmarks/gpu_bf16.sh`.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-benchmarks/results}"
-mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
-  "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
-'optax', optax.__version__, jax.devices())"
-} 2>&1 | tee "$OUT/log.txt"
-PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
-  "$PY" benchmarks/gpu_bf16.py --out "$OUT" --budget-s "${BUDGET_S:-400}" "$@" 2>&1 \
+source "$(dirname "$0")/gpu_env.sh"
+"$PY" benchmarks/gpu_bf16.py --out "$OUT" --budget-s "${BUDGET_S:-400}" "$@" 2>&1 \
   | tee -a "$OUT/log.txt"

@@ -14,20 +14,9 @@
 # into benchmarks/results/ and the table into the README. Fewer networks: MODELS="lenet_bn
 # resnet18" bash benchmarks/gpu_book_recipe.sh. Any machine with a CUDA JAX works the same way
 # with OUT set (default benchmarks/results); EXTRA_ARGS="--epochs 1" passes flags to train.py.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-benchmarks/results}"
-mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
-export FLAXCNN_FASHION_MNIST_NPZ="${FLAXCNN_FASHION_MNIST_NPZ:-$PWD/.data/fashion_mnist.npz}"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "$0")/gpu_env.sh"
 WORK="${WORK:-/tmp/flaxcnn-book-recipe}"
 rm -rf "$WORK"
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
-  "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
-'optax', optax.__version__, jax.devices())"
-} 2>&1 | tee "$OUT/log.txt"
 for m in ${MODELS:-alexnet vgg nin googlenet lenet_bn_scratch lenet_bn resnet18 densenet}; do
   "$PY" train.py --model "$m" --no-progress --workdir "$WORK/$m" ${EXTRA_ARGS:-} 2>&1 | grep -v '^[WI]0000' \
     | tee -a "$OUT/log.txt"

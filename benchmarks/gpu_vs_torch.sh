@@ -12,15 +12,7 @@
 # copy them into benchmarks/results/ and the tables into the README. The book's batch sizes
 # are used on a GPU; 3 rounds of 1 s samples keep both runs within ~8 minutes. Any machine with
 # CUDA JAX and CUDA PyTorch works the same way with OUT set (default benchmarks/results).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-benchmarks/results}"
-mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
-export FLAXCNN_FASHION_MNIST_NPZ="${FLAXCNN_FASHION_MNIST_NPZ:-$PWD/.data/fashion_mnist.npz}"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 \
-  | tee "$OUT/log.txt"
+source "$(dirname "$0")/gpu_env.sh"
 for dtype in float32 bfloat16; do
   "$PY" benchmarks/bench_vs_torch.py --device gpu --dtype "$dtype" --rounds "${ROUNDS:-3}" \
     --sample-s "${SAMPLE_S:-1}" --out-dir "$OUT" ${EXTRA_ARGS:-} 2>&1 | grep -v '^[WI]0000' \

@@ -34,6 +34,9 @@ OFF = {YNN: ""}
 RED = {YNN: f"{LIB}INDIVIDUAL_DOT,{LIB}REDUCE"}  # the chosen default (flaxcnn.cpu)
 # XLA's default list, written out (the flag's help text says it is empty; the HLO says this).
 YNN_ALL = {YNN: f"{LIB}INDIVIDUAL_DOT,{LIB}INDIVIDUAL_CONVOLUTION,{LIB}REDUCE"}
+# The default plus oneDNN's custom calls, or plus XNNPACK's convolution fusions.
+ONEDNN_CC = {**RED, "xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_custom_call": True}
+XNN_CONV = {**RED, "xla_cpu_experimental_xnn_fusion_type": LIB + "INDIVIDUAL_CONVOLUTION"}
 
 # name -> (XLA compile options, custom pool gradient?, step kind)
 CONFIGS = {
@@ -58,12 +61,8 @@ CONFIGS = {
     "R+onednn-dot+pool": (
         {**RED, "xla_cpu_use_onednn": True,
          "xla_cpu_experimental_onednn_fusion_type": LIB + "DOT"}, True, "step"),
-    "R+onednn-custom-calls+pool": (
-        {**RED, "xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_custom_call": True},
-        True, "step"),
-    "R+xnn-conv+pool": (
-        {**RED, "xla_cpu_experimental_xnn_fusion_type": LIB + "INDIVIDUAL_CONVOLUTION"},
-        True, "step"),
+    "R+onednn-custom-calls+pool": (ONEDNN_CC, True, "step"),
+    "R+xnn-conv+pool": (XNN_CONV, True, "step"),
     "R+vec512+pool": ({**RED, "xla_cpu_prefer_vector_width": 512}, True, "step"),
     "R+no-concurrency-sched+pool": (
         {**RED, "xla_cpu_enable_concurrency_optimized_scheduler": False}, True, "step"),
@@ -79,14 +78,9 @@ CONFIGS = {
     "infer: R+pool+dot1x1": (RED, True, "infer", "dot1x1"),
     "infer: R+pool+conv1ch": (RED, True, "infer", "conv1ch"),
     "infer: xla": ({}, False, "infer"),
-    "infer: onednn-custom-calls+R+pool": (
-        {**RED, "xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_custom_call": True},
-        True, "infer"),
-    "infer: xnn-conv+R+pool": (
-        {**RED, "xla_cpu_experimental_xnn_fusion_type": LIB + "INDIVIDUAL_CONVOLUTION"},
-        True, "infer"),
-    "infer: ynn-conv+R+pool": (
-        YNN_ALL, True, "infer"),
+    "infer: onednn-custom-calls+R+pool": (ONEDNN_CC, True, "infer"),
+    "infer: xnn-conv+R+pool": (XNN_CONV, True, "infer"),
+    "infer: ynn-conv+R+pool": (YNN_ALL, True, "infer"),
     "infer: ynn-conv+R+pool+dot1x1": (YNN_ALL, True, "infer", "dot1x1"),
 }
 DEFAULT_CONFIGS = ["xla", "xla+pool", "ynn-off", "ynn-off+pool", "ynn-reduce+dot+pool"]
@@ -144,14 +138,15 @@ def build(name, batch, side, config, k_scan):
         fn = jax.jit(training.train_step, donate_argnums=() if kind == "nodonate" else 0)
         args, steps = (x, y), 1
     saved = ops._max_pool, ops._avg_pool, ops.conv_nhwc, ops.conv_one_channel
+    xla_conv = ops.conv_nhwc
     if not custom_pool:
         # XLA's own pooling: reduce_window, differentiated by XLA (select-and-scatter for max).
         ops._max_pool = ops._reduce_max
         ops._avg_pool = _reduce_avg
     if "dot1x1" in extra:  # 1x1 convolutions as (N*H*W, C) @ (C, O) matrix products
-        ops.conv_nhwc = partial(_dot1x1, saved[2])
+        ops.conv_nhwc = partial(_dot1x1, xla_conv)
     if "conv1ch" in extra:  # one-channel convolutions through XLA's convolution, as before
-        ops.conv_one_channel = lambda x, kernel, padding: ops.conv_nhwc(x, kernel, 1, padding)
+        ops.conv_one_channel = lambda x, kernel, padding: xla_conv(x, kernel, 1, padding)
     try:
         t = time.perf_counter()
         compiled = fn.lower(state, *args).compile(opts)
