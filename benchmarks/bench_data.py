@@ -23,9 +23,19 @@ import numpy as np
 
 from flaxcnn import data
 
-# Training throughput (examples/s, full training step) of the fastest network at each side on
-# the 2-core CPU of the reference machine: ../shared/docs/cpu_perf.md.
-CPU_REFERENCE = {28: ("LeNet-BN", 8000), 96: ("DenseNet", 70), 224: ("NiN", 16)}
+# The training throughput to compare with: flaxcnn's own training step, the fastest network at
+# each side, from the latest JAX-vs-PyTorch run on this CPU (benchmarks/bench_vs_torch.py).
+TRAINING_RESULTS = Path(__file__).parent / "results" / "cpu-amd-epyc-2t.json"
+
+
+def training_reference(side):
+    """(network, JAX training examples/s) of the fastest network at `side`, or None."""
+    try:
+        results = json.loads(TRAINING_RESULTS.read_text())["results"]
+    except (OSError, KeyError, ValueError):
+        return None
+    rates = [(r["train"]["jax"]["median"], r["network"]) for r in results if r["side"] == side]
+    return (max(rates)[1], round(max(rates)[0], 1)) if rates else None
 CONFIGS = [(28, 256), (96, 128), (96, 256), (224, 128)]
 
 
@@ -82,8 +92,8 @@ def main():
             row[method] = r
             rate = r["examples_per_s"]
             print(f"side {side:3d} batch {batch_size:3d} {method:6s} {rate:12,.0f} ex/s")
-        if backend == "cpu":
-            net, ref = CPU_REFERENCE[side]
+        if backend == "cpu" and training_reference(side):
+            net, ref = training_reference(side)
             row["reference"] = {"network": net, "train_examples_per_s": ref}
             row["ratio"] = row["pil"]["examples_per_s"] / ref
         rows.append(row)
@@ -107,10 +117,10 @@ def main():
         " uint8 training set on the device → `epoch_order` → jitted `gather_batch` (gather,"
         " /255, bilinear resize), each batch waited for; median of"
         f" {args.repeats} epochs, compilation excluded; load average during the run"
-        f" {meta['load_average_1min']} (the cores are shared).",
+        f" {meta['load_average_1min']} (1-min average; the benchmark's own threads count).",
         "",
     ]
-    if backend == "cpu":
+    if backend == "cpu" and all("reference" in r for r in rows):
         lines += [
             "| side | batch | pipeline ex/s (book-exact `pil`) | pipeline ex/s (`linear`) "
             "| fastest network at this side, training ex/s | pipeline / training |",
@@ -125,7 +135,8 @@ def main():
             )
         lines += [
             "",
-            "Training throughputs: reference from ../shared/docs/cpu_perf.md (same 2-core CPU).",
+            f"Training throughputs: flaxcnn's training step in {TRAINING_RESULTS.name} "
+            "(`python benchmarks/bench_vs_torch.py`, same CPU).",
         ]
     else:
         lines += [

@@ -205,7 +205,7 @@ def main():
         f"Machine: {machine['cpu']}, {machine['cores']} cores, backend {machine['backend']}, "
         f"jax {machine['jax']}, Python {machine['python']}; load average "
         f"{machine['load_avg_1m']:.1f} before and {machine['load_avg_1m_after']:.1f} after "
-        "(the cores are shared with other work). Median of "
+        "(the benchmark's own threads count). Median of "
         f"{args.repeats} windows of {args.steps} steps, compilation excluded.",
         "",
         "| devices | processes | per-device batch | examples/s | ms/step | vs 1 device | "
