@@ -1,9 +1,11 @@
-"""One convolution layer of the book's networks, forward and forward+backward, three ways on
+"""One convolution layer of the book's networks, forward and forward+backward, several ways on
 XLA:CPU: XLA's convolution (`ops.conv_nhwc`), im2col (k*k strided slices concatenated, one
-GEMM; autodiff gives the gradients) and, for one input channel, `ops.conv_one_channel`.
+GEMM; autodiff gives the gradients), for one input channel `ops.conv_one_channel`, and for a
+few input channels `ops.conv_few_channels` (input gradient as a GEMM and a col2im).
 
 The evidence behind flaxcnn's convolution choices (benchmarks/xla_cpu_study.md): im2col loses
-to XLA's convolution at every shape here; k*k multiply-adds win for small one-channel kernels.
+to XLA's convolution at every shape here; k*k multiply-adds win for small one-channel kernels;
+the GEMM input gradient wins for LeNet's unpadded second layer only.
 
     python benchmarks/conv_study.py                 # all shapes
     python benchmarks/conv_study.py resnet lenet    # shapes whose name contains a word
@@ -30,6 +32,10 @@ SHAPES = {
     "googlenet 5x5, 16->32 @12": (32, 12, 16, 32, 5, 1, 2),
     "lenet conv1 5x5, 1->6 @28": (256, 28, 1, 6, 5, 1, 2),
     "lenet conv2 5x5, 6->16 @14": (256, 14, 6, 16, 5, 1, 0),
+    "lenet_bn conv1 5x5, 1->6 @28, unpadded": (256, 28, 1, 6, 5, 1, 0),
+    "lenet_bn conv2 5x5, 6->16 @12": (256, 12, 6, 16, 5, 1, 0),
+    "lenet_bn conv2 padded by 2": (256, 12, 6, 16, 5, 1, 2),
+    "16->16 5x5 @12": (256, 12, 16, 16, 5, 1, 0),
 }
 
 
@@ -70,7 +76,8 @@ def main(argv=None):
     from flaxcnn import ops
 
     print("| layer (batch) | XLA conv fwd / fwd+bwd ms | im2col fwd / fwd+bwd ms "
-          "| k*k multiply-adds fwd / fwd+bwd ms |\n|---|---|---|---|")
+          "| k*k multiply-adds fwd / fwd+bwd ms | GEMM input gradient fwd / fwd+bwd ms |"
+          "\n|---|---|---|---|---|")
     for name, (n, h, c, o, k, s, pad) in SHAPES.items():
         if args.select and not any(w in name for w in args.select):
             continue
@@ -80,6 +87,8 @@ def main(argv=None):
                  "im2col": lambda x, w, s=s, pad=pad: im2col(x, w, s, pad)}
         if c == 1 and s == 1:
             impls["shift"] = lambda x, w, pad=pad: ops.conv_one_channel(x, w, pad)
+        if 1 < c <= 16 and s == 1:
+            impls["few"] = lambda x, w, pad=pad: ops.conv_few_channels(x, w, pad)
         # The first layer's input needs no gradient; the others' do.
         argnums = (1,) if c == 1 else (0, 1)
         cells = {}
@@ -88,7 +97,7 @@ def main(argv=None):
             grad = jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w))), argnums))
             cells[key] = f"{median_ms(fwd, x, w):.1f} / {median_ms(grad, x, w):.1f}"
         print(f"| {name} ({n}) | {cells['xla']} | {cells['im2col']} | "
-              f"{cells.get('shift', '-')} |", flush=True)
+              f"{cells.get('shift', '-')} | {cells.get('few', '-')} |", flush=True)
     return 0
 
 

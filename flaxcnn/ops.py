@@ -200,10 +200,22 @@ def max_pool(x, kernel_size, strides, padding=0):
     return _max_pool(x, window, strides, padding)
 
 
+def _pool_input(x):
+    """The average pool's input, materialised once (`_materialize`).
+
+    Otherwise XLA fuses the input's producer into the pooling loop, which then runs it
+    per window offset on strided slices with the channels innermost: LeNet's first
+    convolution (multiply-adds, `conv_one_channel`), BatchNorm and sigmoid ran inside its 2x2
+    pool at 19 ms of CPU per batch of 256 in inference, 6 ms with this copy. Max-pools keep
+    the fusion: their producers (bias, ReLU) are cheap, and the copy cost AlexNet, VGG, NiN and
+    GoogLeNet 3-9% in inference (benchmarks/xla_cpu_study.md)."""
+    return _materialize(x)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _avg_pool(x, window, strides, padding):
     (kh, kw), (ph, pw) = window, padding
-    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    xp = jnp.pad(_pool_input(x), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
     total = None
     # Row-major window order, as PyTorch's kernel adds; then one division, as PyTorch does.
     for _, _, s in _window_slices(xp, window, strides, _out_hw(x.shape[1:3], window, strides,
@@ -278,8 +290,15 @@ def conv_one_channel(x, kernel, padding):
     return y
 
 
+def _one_channel_output(y):
+    """`conv_one_channel`'s output when differentiated, materialised: BatchNorm's statistics and
+    its backward pass read it in five loops, and XLA fused the k*k multiply-adds into each
+    (benchmarks/xla_cpu_study.md). Inference keeps the fusion into the next layer."""
+    return _materialize(y)
+
+
 def _conv_one_channel_fwd(x, kernel, padding):
-    return conv_one_channel(x, kernel, padding), (x, kernel)
+    return _one_channel_output(conv_one_channel(x, kernel, padding)), (x, kernel)
 
 
 def _conv_one_channel_bwd(padding, res, g):
@@ -289,3 +308,45 @@ def _conv_one_channel_bwd(padding, res, g):
 
 
 conv_one_channel.defvjp(_conv_one_channel_fwd, _conv_one_channel_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_few_channels(x, kernel, padding):
+    """A stride-1 convolution of an input with a few channels (LeNet's second layer: 6), whose
+    input gradient is one matrix product and a col2im sum.
+
+    XLA:CPU computes the input gradient as a convolution with as many output channels as the
+    input has (6), at about 35 GFLOP/s: 4.7 ms of LeNet's step at batch 256, 1.7 ms as
+    g (N*Ho*Wo, O) @ kernel^T (O, k*k*C) and k*k shifted adds; the LeNet step trains 1.15x
+    faster (benchmarks/xla_cpu_study.md). With 16 input channels, or LeNet's layer padded
+    by 2, XLA's own is as fast or faster (benchmarks/conv_study.py). The forward pass and the
+    kernel gradient are XLA's convolution."""
+    return conv_nhwc(x, kernel, 1, padding)
+
+
+def _conv_few_channels_fwd(x, kernel, padding):
+    return conv_nhwc(x, kernel, 1, padding), (x, kernel)
+
+
+def _conv_few_channels_bwd(padding, res, g):
+    x, kernel = res
+    (ph, pw), (n, h, w, c), (k_h, k_w, _, o) = _pairs(padding), x.shape, kernel.shape
+    _, ho, wo, _ = g.shape
+    cols = jnp.dot(g.reshape(-1, o), kernel.reshape(-1, o).T).reshape(n, ho, wo, k_h, k_w, c)
+    zero = jnp.zeros((), g.dtype)
+    dxp = None
+    for i in range(k_h):
+        for j in range(k_w):
+            # col2im: window offset (i, j) of output (a, b) is padded-input element (a+i, b+j)
+            t = lax.pad(cols[:, :, :, i, j, :], zero,
+                        ((0, 0, 0), (i, k_h - 1 - i, 0), (j, k_w - 1 - j, 0), (0, 0, 0)))
+            dxp = t if dxp is None else dxp + t
+    # A product with the identity, as a fusion barrier: XLA:CPU fused these k*k adds (and
+    # `_materialize`'s reduction) into the consumer, LeNet's 2x2 average-pool gradient, which
+    # reads each element 4 times: 100 adds per element, 6 ms. A library dot is never fused.
+    dxp = jnp.dot(dxp.reshape(-1, c), jnp.eye(c, dtype=dxp.dtype)).reshape(dxp.shape)
+    _, vjp = jax.vjp(lambda k: conv_nhwc(x, k, 1, padding), kernel)
+    return dxp[:, ph:ph + h, pw:pw + w, :], vjp(g)[0]
+
+
+conv_few_channels.defvjp(_conv_few_channels_fwd, _conv_few_channels_bwd)

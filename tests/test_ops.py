@@ -206,6 +206,48 @@ def test_conv_one_channel_rejects_several_channels():
         ops.conv_one_channel(jnp.zeros((1, 8, 8, 2)), jnp.zeros((3, 3, 2, 4)), 1)
 
 
+@pytest.mark.parametrize("c,k,p,hw", [(6, 5, 0, (12, 12)), (6, 5, 2, (12, 12)),
+                                      (2, 3, 1, (9, 7)), (8, 1, 0, (5, 6))])
+def test_conv_few_channels_matches_xla_convolution(c, k, p, hw):
+    """The forward pass is XLA's convolution; the input gradient (a product and k*k shifted
+    adds) is within float32 rounding of XLA's, the kernel gradient is XLA's."""
+    kx, kw, kg = jax.random.split(jax.random.key(c * 100 + k), 3)
+    x = jax.random.normal(kx, (3, *hw, c))
+    w = jax.random.normal(kw, (k, k, c, 16)) * 0.3
+    ref = ops.conv_nhwc(x, w, 1, p)
+    np.testing.assert_array_equal(jax.jit(ops.conv_few_channels, static_argnums=2)(x, w, p), ref)
+    g = jax.random.normal(kg, ref.shape)
+    loss = lambda f: lambda x, w: jnp.vdot(f(x, w), g)  # noqa: E731
+    dx, dw = jax.jit(jax.grad(loss(lambda x, w: ops.conv_few_channels(x, w, p)), (0, 1)))(x, w)
+    rx, rw = jax.jit(jax.grad(loss(lambda x, w: ops.conv_nhwc(x, w, 1, p)), (0, 1)))(x, w)
+    assert dx.shape == x.shape
+    np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, rw, rtol=1e-6, atol=1e-6)
+
+
+def test_few_channel_input_gradient_only_on_cpu():
+    """LeNet's gradient on a CPU: no convolution for the first layer's forward pass
+    (conv_one_channel) nor for the second layer's input gradient (conv_few_channels)."""
+    from jax import export
+
+    from flaxcnn import models
+
+    model = models.create("lenet_bn")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+
+    def loss(params, x):
+        v = {"params": params, "batch_stats": variables["batch_stats"]}
+        return model.apply(v, x, train=True, mutable=["batch_stats"])[0].sum()
+
+    grad = jax.jit(jax.grad(loss))
+    x = jnp.zeros((2, 28, 28, 1))
+    convs = {p: export.export(grad, platforms=[p])(variables["params"], x).mlir_module().count(
+        "stablehlo.convolution") for p in ("cpu", "cuda", "tpu")}
+    # cpu: the kernel gradients of both layers and the second's forward pass; elsewhere also
+    # the first's forward pass and the second's input gradient.
+    assert convs == {"cpu": 3, "cuda": 5, "tpu": 5}
+
+
 def test_one_channel_convolution_only_on_cpu():
     """LeNet's first layer is k*k multiply-adds on a CPU; a GPU or TPU keeps its convolution."""
     from jax import export

@@ -58,6 +58,11 @@ class Conv(nn.Module):
             y = jax.lax.platform_dependent(
                 x, kernel, cpu=partial(ops.conv_one_channel, padding=p), default=conv)
             return y + bias
+        if 1 < x.shape[-1] <= 8 and self.strides == 1 and x.dtype == jnp.float32:
+            # LeNet's second layer: XLA:CPU's input gradient is slow for few channels (ops.py).
+            y = jax.lax.platform_dependent(
+                x, kernel, cpu=partial(ops.conv_few_channels, padding=p), default=conv)
+            return y + bias
         return conv(x, kernel) + bias
 
 
