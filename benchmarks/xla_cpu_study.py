@@ -75,6 +75,7 @@ CONFIGS = {
     "R+pool+poolfuse": (RED, True, "step", "poolfuse"),
     "R+pool+convfew": (RED, True, "step", "convfew"),
     "R+pool+conv1ch-fused": (RED, True, "step", "conv1ch-fused"),
+    "R+pool+convswap": (RED, True, "step", "convswap"),
     "R+pool+convfew+conv1ch-fused": (RED, True, "step", "convfew", "conv1ch-fused"),
     "R+ynn-conv+pool+dot1x1": (YNN_ALL, True, "step", "dot1x1"),
     # Inference (eval mode, jitted model.apply), for the conv backend question.
@@ -82,6 +83,7 @@ CONFIGS = {
     "infer: R+pool+dot1x1": (RED, True, "infer", "dot1x1"),
     "infer: R+pool+conv1ch": (RED, True, "infer", "conv1ch"),
     "infer: R+pool+poolfuse": (RED, True, "infer", "poolfuse"),
+    "infer: R+pool+convswap": (RED, True, "infer", "convswap"),
     "infer: xla": ({}, False, "infer"),
     "infer: onednn-custom-calls+R+pool": (ONEDNN_CC, True, "infer"),
     "infer: xnn-conv+R+pool": (XNN_CONV, True, "infer"),
@@ -143,7 +145,8 @@ def build(name, batch, side, config, k_scan):
         fn = jax.jit(training.train_step, donate_argnums=() if kind == "nodonate" else 0)
         args, steps = (x, y), 1
     saved = (ops._max_pool, ops._avg_pool, ops.conv_nhwc, ops.conv_one_channel,
-             ops.conv_few_channels, ops._pool_input, ops._one_channel_output)
+             ops.conv_few_channels, ops.conv_small_input, ops._pool_input,
+             ops._one_channel_output)
     xla_conv = ops.conv_nhwc
     if not custom_pool:
         # XLA's own pooling: reduce_window, differentiated by XLA (select-and-scatter for max).
@@ -155,6 +158,8 @@ def build(name, batch, side, config, k_scan):
         ops.conv_one_channel = lambda x, kernel, padding: xla_conv(x, kernel, 1, padding)
     if "convfew" in extra:  # few-channel convolutions' input gradient by XLA, as before
         ops.conv_few_channels = lambda x, kernel, padding: xla_conv(x, kernel, 1, padding)
+    if "convswap" in extra:  # images smaller than the kernel through XLA's convolution
+        ops.conv_small_input = lambda x, kernel, padding: xla_conv(x, kernel, 1, padding)
     if "conv1ch-fused" in extra:  # its output not materialised in training, as before
         ops._one_channel_output = lambda y: y
     if "poolfuse" in extra:  # pool inputs not materialised: XLA fuses their producers in
@@ -165,7 +170,8 @@ def build(name, batch, side, config, k_scan):
         compile_s = time.perf_counter() - t
     finally:
         (ops._max_pool, ops._avg_pool, ops.conv_nhwc, ops.conv_one_channel,
-         ops.conv_few_channels, ops._pool_input, ops._one_channel_output) = saved
+         ops.conv_few_channels, ops.conv_small_input, ops._pool_input,
+         ops._one_channel_output) = saved
     holder = {"state": state, "cpu": []}
 
     def run(iters):

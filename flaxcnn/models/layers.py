@@ -58,6 +58,12 @@ class Conv(nn.Module):
             y = jax.lax.platform_dependent(
                 x, kernel, cpu=partial(ops.conv_one_channel, padding=p), default=conv)
             return y + bias
+        if (self.strides == 1 and min(x.shape[1:3]) < k and 0 < p < k
+                and x.dtype == jnp.float32):
+            # GoogLeNet's 5x5 branches on 3x3 maps: XLA:CPU swaps the operands (ops.py).
+            y = jax.lax.platform_dependent(
+                x, kernel, cpu=partial(ops.conv_small_input, padding=p), default=conv)
+            return y + bias
         if 1 < x.shape[-1] <= 8 and self.strides == 1 and x.dtype == jnp.float32:
             # LeNet's second layer: XLA:CPU's input gradient is slow for few channels (ops.py).
             y = jax.lax.platform_dependent(
