@@ -5,7 +5,8 @@ few input channels `ops.conv_few_channels` (input gradient as a GEMM and a col2i
 
 The evidence behind flaxcnn's convolution choices (benchmarks/xla_cpu_study.md): im2col loses
 to XLA's convolution at every shape here; k*k multiply-adds win for small one-channel kernels;
-the GEMM input gradient wins for LeNet's unpadded second layer only.
+the GEMM input gradient wins for LeNet's unpadded second layer only; an image smaller than the
+kernel needs the padded copy (XLA:CPU swaps image and kernel otherwise).
 
     python benchmarks/conv_study.py                 # all shapes
     python benchmarks/conv_study.py resnet lenet    # shapes whose name contains a word
@@ -36,6 +37,7 @@ SHAPES = {
     "lenet_bn conv2 5x5, 6->16 @12": (256, 12, 6, 16, 5, 1, 0),
     "lenet_bn conv2 padded by 2": (256, 12, 6, 16, 5, 1, 2),
     "16->16 5x5 @12": (256, 12, 16, 16, 5, 1, 0),
+    "googlenet 5x5, 48->128 @3": (32, 3, 48, 128, 5, 1, 2),
 }
 
 
@@ -76,8 +78,8 @@ def main(argv=None):
     from flaxcnn import ops
 
     print("| layer (batch) | XLA conv fwd / fwd+bwd ms | im2col fwd / fwd+bwd ms "
-          "| k*k multiply-adds fwd / fwd+bwd ms | GEMM input gradient fwd / fwd+bwd ms |"
-          "\n|---|---|---|---|---|")
+          "| k*k multiply-adds fwd / fwd+bwd ms | GEMM input gradient fwd / fwd+bwd ms "
+          "| padded copy fwd / fwd+bwd ms |\n|---|---|---|---|---|---|")
     for name, (n, h, c, o, k, s, pad) in SHAPES.items():
         if args.select and not any(w in name for w in args.select):
             continue
@@ -89,6 +91,8 @@ def main(argv=None):
             impls["shift"] = lambda x, w, pad=pad: ops.conv_one_channel(x, w, pad)
         if 1 < c <= 16 and s == 1:
             impls["few"] = lambda x, w, pad=pad: ops.conv_few_channels(x, w, pad)
+        if h < k and 0 < pad < k and s == 1:
+            impls["small"] = lambda x, w, pad=pad: ops.conv_small_input(x, w, pad)
         # The first layer's input needs no gradient; the others' do.
         argnums = (1,) if c == 1 else (0, 1)
         cells = {}
@@ -97,7 +101,8 @@ def main(argv=None):
             grad = jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w))), argnums))
             cells[key] = f"{median_ms(fwd, x, w):.1f} / {median_ms(grad, x, w):.1f}"
         print(f"| {name} ({n}) | {cells['xla']} | {cells['im2col']} | "
-              f"{cells.get('shift', '-')} | {cells.get('few', '-')} |", flush=True)
+              f"{cells.get('shift', '-')} | {cells.get('few', '-')} | {cells.get('small', '-')} |",
+              flush=True)
     return 0
 
 

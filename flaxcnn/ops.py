@@ -364,9 +364,9 @@ def conv_small_input(x, kernel, padding):
     3x3 maps), on an explicitly padded copy.
 
     Given such a convolution, XLA:CPU swaps its operands (the image becomes the filter,
-    `dim_labels=01fb_o01i->f01b`) and runs it at about 10 GFLOP/s: 8.3 ms forward and 15 ms
-    forward+backward for GoogLeNet's [32, 3, 3, 48] * [5, 5, 48, 128], 0.6 and 1.4 ms on the
-    padded input (benchmarks/conv_study.py). A pad alone is folded back into the convolution,
+    `dim_labels=01fb_o01i->f01b`) and runs it at about 10 GFLOP/s: 8.3 ms forward and 14.7 ms
+    forward+backward for GoogLeNet's [32, 3, 3, 48] * [5, 5, 48, 128], 1.1 and 2.8 ms on the
+    padded copy (benchmarks/conv_study.py); GoogLeNet trains 1.08x faster. A pad alone is folded back into the convolution,
     hence the materialised copy; the input gradient, itself such a convolution (of the
     incoming gradient, padded by k-1-p, with the flipped kernel), gets the same treatment."""
     return conv_nhwc(_padded(x, padding), kernel, 1, 0)
