@@ -366,9 +366,10 @@ def conv_small_input(x, kernel, padding):
     Given such a convolution, XLA:CPU swaps its operands (the image becomes the filter,
     `dim_labels=01fb_o01i->f01b`) and runs it at about 10 GFLOP/s: 8.3 ms forward and 14.7 ms
     forward+backward for GoogLeNet's [32, 3, 3, 48] * [5, 5, 48, 128], 1.1 and 2.8 ms on the
-    padded copy (benchmarks/conv_study.py); GoogLeNet trains 1.08x faster. A pad alone is folded back into the convolution,
-    hence the materialised copy; the input gradient, itself such a convolution (of the
-    incoming gradient, padded by k-1-p, with the flipped kernel), gets the same treatment."""
+    padded copy (benchmarks/conv_study.py); GoogLeNet trains 1.08x faster. A pad alone is
+    folded back into the convolution, hence the materialised copy; the input gradient, itself
+    such a convolution (of the incoming gradient, padded by k-1-p, with the flipped kernel),
+    gets the same treatment."""
     return conv_nhwc(_padded(x, padding), kernel, 1, 0)
 
 
@@ -387,3 +388,26 @@ def _conv_small_input_bwd(padding, res, g):
 
 
 conv_small_input.defvjp(_conv_small_input_fwd, _conv_small_input_bwd)
+
+
+@jax.custom_vjp
+def conv_input(x):
+    """x, unchanged; when differentiated, materialised for the convolution that reads it.
+
+    A convolution's weight gradient on XLA:CPU reads its input through a transposed copy, and
+    XLA fused the input's producers into that copy: in ResNet-18 up to two residual blocks'
+    BatchNorm, ReLU and additions, re-evaluated in transposed order from four arrays (16 ms
+    for one [32, 24, 24, 64] input). With the input materialised, the copy reads one array.
+    The forward pass writes it once either way; inference is unchanged."""
+    return x
+
+
+def _conv_input_fwd(x):
+    return _materialize(x), None
+
+
+def _conv_input_bwd(_, g):
+    return (g,)
+
+
+conv_input.defvjp(_conv_input_fwd, _conv_input_bwd)
