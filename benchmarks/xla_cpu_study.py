@@ -76,7 +76,6 @@ CONFIGS = {
     "R+pool+convfew": (RED, True, "step", "convfew"),
     "R+pool+conv1ch-fused": (RED, True, "step", "conv1ch-fused"),
     "R+pool+convswap": (RED, True, "step", "convswap"),
-    "R+pool+convin-fused": (RED, True, "step", "convin-fused"),
     "R+pool+convfew+conv1ch-fused": (RED, True, "step", "convfew", "conv1ch-fused"),
     "R+ynn-conv+pool+dot1x1": (YNN_ALL, True, "step", "dot1x1"),
     # Inference (eval mode, jitted model.apply), for the conv backend question.
@@ -147,7 +146,7 @@ def build(name, batch, side, config, k_scan):
         args, steps = (x, y), 1
     saved = (ops._max_pool, ops._avg_pool, ops.conv_nhwc, ops.conv_one_channel,
              ops.conv_few_channels, ops.conv_small_input, ops._pool_input,
-             ops._one_channel_output, ops.conv_input)
+             ops._one_channel_output)
     xla_conv = ops.conv_nhwc
     if not custom_pool:
         # XLA's own pooling: reduce_window, differentiated by XLA (select-and-scatter for max).
@@ -159,8 +158,6 @@ def build(name, batch, side, config, k_scan):
         ops.conv_one_channel = lambda x, kernel, padding: xla_conv(x, kernel, 1, padding)
     if "convfew" in extra:  # few-channel convolutions' input gradient by XLA, as before
         ops.conv_few_channels = lambda x, kernel, padding: xla_conv(x, kernel, 1, padding)
-    if "convin-fused" in extra:  # conv inputs not materialised for the kernel gradient
-        ops.conv_input = lambda x: x
     if "convswap" in extra:  # images smaller than the kernel through XLA's convolution
         ops.conv_small_input = lambda x, kernel, padding: xla_conv(x, kernel, 1, padding)
     if "conv1ch-fused" in extra:  # its output not materialised in training, as before
@@ -174,7 +171,7 @@ def build(name, batch, side, config, k_scan):
     finally:
         (ops._max_pool, ops._avg_pool, ops.conv_nhwc, ops.conv_one_channel,
          ops.conv_few_channels, ops.conv_small_input, ops._pool_input,
-         ops._one_channel_output, ops.conv_input) = saved
+         ops._one_channel_output) = saved
     holder = {"state": state, "cpu": []}
 
     def run(iters):

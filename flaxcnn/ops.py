@@ -388,26 +388,3 @@ def _conv_small_input_bwd(padding, res, g):
 
 
 conv_small_input.defvjp(_conv_small_input_fwd, _conv_small_input_bwd)
-
-
-@jax.custom_vjp
-def conv_input(x):
-    """x, unchanged; when differentiated, materialised for the convolution that reads it.
-
-    A convolution's weight gradient on XLA:CPU reads its input through a transposed copy, and
-    XLA fused the input's producers into that copy: in ResNet-18 up to two residual blocks'
-    BatchNorm, ReLU and additions, re-evaluated in transposed order from four arrays (16 ms
-    for one [32, 24, 24, 64] input). With the input materialised, the copy reads one array.
-    The forward pass writes it once either way; inference is unchanged."""
-    return x
-
-
-def _conv_input_fwd(x):
-    return _materialize(x), None
-
-
-def _conv_input_bwd(_, g):
-    return (g,)
-
-
-conv_input.defvjp(_conv_input_fwd, _conv_input_bwd)

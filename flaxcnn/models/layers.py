@@ -69,8 +69,6 @@ class Conv(nn.Module):
             y = jax.lax.platform_dependent(
                 x, kernel, cpu=partial(ops.conv_few_channels, padding=p), default=conv)
             return y + bias
-        # The transposed copy for the kernel gradient reads a materialised input (ops.py).
-        x = jax.lax.platform_dependent(x, cpu=ops.conv_input, default=lambda x: x)
         return conv(x, kernel) + bias
 
 
