@@ -52,24 +52,27 @@ class Conv(nn.Module):
         bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         conv = partial(ops.conv_nhwc, strides=self.strides, padding=p, precision=self.precision)
-        if x.shape[-1] == 1 and self.strides == 1 and k <= 5 and x.dtype == jnp.float32:
-            # LeNet's and VGG's first layers: XLA:CPU is slow on one input channel (ops.py);
-            # other platforms keep their convolution (chosen when the step is compiled).
-            y = jax.lax.platform_dependent(
-                x, kernel, cpu=partial(ops.conv_one_channel, padding=p), default=conv)
-            return y + bias
-        if (self.strides == 1 and min(x.shape[1:3]) < k and 0 < p < k
-                and x.dtype == jnp.float32):
-            # GoogLeNet's 5x5 branches on 3x3 maps: XLA:CPU swaps the operands (ops.py).
-            y = jax.lax.platform_dependent(
-                x, kernel, cpu=partial(ops.conv_small_input, padding=p), default=conv)
-            return y + bias
-        if 1 < x.shape[-1] <= 8 and self.strides == 1 and x.dtype == jnp.float32:
-            # LeNet's second layer: XLA:CPU's input gradient is slow for few channels (ops.py).
-            y = jax.lax.platform_dependent(
-                x, kernel, cpu=partial(ops.conv_few_channels, padding=p), default=conv)
+        cpu_conv = _cpu_convolution(x, k, self.strides, p)
+        if cpu_conv is not None:
+            # Chosen when the step is compiled: other platforms keep XLA's convolution.
+            y = jax.lax.platform_dependent(x, kernel, cpu=cpu_conv, default=conv)
             return y + bias
         return conv(x, kernel) + bias
+
+
+def _cpu_convolution(x, k: int, strides: int, padding: int):
+    """The convolutions XLA:CPU handles badly, and what flaxcnn runs instead on a CPU (ops.py;
+    the evidence in benchmarks/xla_cpu_study.md), or None for XLA's own."""
+    if strides != 1 or x.dtype != jnp.float32:
+        return None
+    c, side = x.shape[-1], min(x.shape[1:3])
+    if c == 1 and k <= 5:  # LeNet's and VGG's first layers: one input channel
+        return partial(ops.conv_one_channel, padding=padding)
+    if side < k and 0 < padding < k:  # GoogLeNet's 5x5 branches on 3x3 maps: operands swapped
+        return partial(ops.conv_small_input, padding=padding)
+    if 1 < c <= 8:  # LeNet's second layer: a slow input gradient for few channels
+        return partial(ops.conv_few_channels, padding=padding)
+    return None
 
 
 class Dense(nn.Module):
