@@ -92,8 +92,9 @@ def main():
             row[method] = r
             rate = r["examples_per_s"]
             print(f"side {side:3d} batch {batch_size:3d} {method:6s} {rate:12,.0f} ex/s")
-        if backend == "cpu" and training_reference(side):
-            net, ref = training_reference(side)
+        reference = training_reference(side) if backend == "cpu" else None
+        if reference:
+            net, ref = reference
             row["reference"] = {"network": net, "train_examples_per_s": ref}
             row["ratio"] = row["pil"]["examples_per_s"] / ref
         rows.append(row)

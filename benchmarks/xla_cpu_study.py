@@ -144,34 +144,38 @@ def build(name, batch, side, config, k_scan):
     else:
         fn = jax.jit(training.train_step, donate_argnums=() if kind == "nodonate" else 0)
         args, steps = (x, y), 1
-    saved = (ops._max_pool, ops._avg_pool, ops.conv_nhwc, ops.conv_one_channel,
-             ops.conv_few_channels, ops.conv_small_input, ops._pool_input,
-             ops._one_channel_output)
     xla_conv = ops.conv_nhwc
+
+    def xla_stride1(x, kernel, padding):
+        return xla_conv(x, kernel, 1, padding)
+
+    # ops attributes each variant replaces while the step is traced (restored afterwards)
+    patches = {}
     if not custom_pool:
         # XLA's own pooling: reduce_window, differentiated by XLA (select-and-scatter for max).
-        ops._max_pool = ops._reduce_max
-        ops._avg_pool = _reduce_avg
-    if "dot1x1" in extra:  # 1x1 convolutions as (N*H*W, C) @ (C, O) matrix products
-        ops.conv_nhwc = partial(_dot1x1, xla_conv)
-    if "conv1ch" in extra:  # one-channel convolutions through XLA's convolution, as before
-        ops.conv_one_channel = lambda x, kernel, padding: xla_conv(x, kernel, 1, padding)
-    if "convfew" in extra:  # few-channel convolutions' input gradient by XLA, as before
-        ops.conv_few_channels = lambda x, kernel, padding: xla_conv(x, kernel, 1, padding)
-    if "convswap" in extra:  # images smaller than the kernel through XLA's convolution
-        ops.conv_small_input = lambda x, kernel, padding: xla_conv(x, kernel, 1, padding)
-    if "conv1ch-fused" in extra:  # its output not materialised in training, as before
-        ops._one_channel_output = lambda y: y
-    if "poolfuse" in extra:  # pool inputs not materialised: XLA fuses their producers in
-        ops._pool_input = lambda x: x
+        patches.update(_max_pool=ops._reduce_max, _avg_pool=_reduce_avg)
+    variants = {
+        # 1x1 convolutions as (N*H*W, C) @ (C, O) matrix products
+        "dot1x1": {"conv_nhwc": partial(_dot1x1, xla_conv)},
+        # the CPU convolution paths undone, each back to XLA's convolution or fusion
+        "conv1ch": {"conv_one_channel": xla_stride1},
+        "convfew": {"conv_few_channels": xla_stride1},
+        "convswap": {"conv_small_input": xla_stride1},
+        "conv1ch-fused": {"_one_channel_output": lambda y: y},
+        "poolfuse": {"_pool_input": lambda x: x},
+    }
+    for v in extra:
+        patches.update(variants[v])
+    saved = {k: getattr(ops, k) for k in patches}
+    for k, f in patches.items():
+        setattr(ops, k, f)
     try:
         t = time.perf_counter()
         compiled = fn.lower(state, *args).compile(opts)
         compile_s = time.perf_counter() - t
     finally:
-        (ops._max_pool, ops._avg_pool, ops.conv_nhwc, ops.conv_one_channel,
-         ops.conv_few_channels, ops.conv_small_input, ops._pool_input,
-         ops._one_channel_output) = saved
+        for k, f in saved.items():
+            setattr(ops, k, f)
     holder = {"state": state, "cpu": []}
 
     def run(iters):

@@ -27,15 +27,24 @@ def _pairs(v):
     return (int(v), int(v)) if isinstance(v, int) else tuple(int(i) for i in v)
 
 
+def _pad_hw(x, padding, value=0.0):
+    """NHWC x padded by (ph, pw) on each side of H and W with `value`."""
+    (ph, pw) = _pairs(padding)
+    return jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)), constant_values=value)
+
+
 def _materialize(a):
     """`a`, computed once into its own buffer: a fusion barrier for XLA:CPU.
 
     XLA fuses cheap elementwise producers into every consumer, duplicating them. The argmax
     chain below (k*k compares and selects per window) would be recomputed by each of the k*k
     terms that read it, and the incoming gradient (in DenseNet, five BatchNorm backward passes
-    summed) at each of the k*k places that read it: 5-10x slower pooling backward passes. A
-    reduction is never duplicated into its consumers, so an OR over a size-2 axis of (a's bits,
-    0) — a itself, bit for bit, NaN and -0.0 included — forces one materialised copy. An OR,
+    summed) at each of the k*k places that read it: 5-10x slower pooling backward passes. XLA
+    rarely duplicates a reduction into its consumers, so an OR over a size-2 axis of (a's bits,
+    0) — a itself, bit for bit, NaN and -0.0 included — usually forces one materialised copy.
+    Not always: XLA:CPU fused one (and its producers) into a 2x2 pool's gradient, which reads
+    each element 4 times; where that happens a library call is the barrier (the identity
+    product in `_conv_few_channels_bwd`). An OR,
     not a max: YNNPACK takes max and sum reductions when its REDUCE fusions are on, and runs
     these slowly. (`lax.optimization_barrier` does not help: XLA:CPU removes it before fusion.)
     """
@@ -59,8 +68,7 @@ def _reduce_max(x, window, strides, padding):
 def _max_of_slices(x, window, strides, padding):
     """The max-pool as an elementwise maximum of the window's k*k strided slices: the same
     values as `reduce_window` (a maximum is exact, NaN propagates), 2-3x faster on XLA:CPU."""
-    (ph, pw) = padding
-    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)), constant_values=-jnp.inf)
+    xp = _pad_hw(x, padding, -jnp.inf)
     y = None
     for _, _, s in _window_slices(xp, window, strides, _out_hw(x.shape[1:3], window, strides,
                                                                 padding)):
@@ -153,9 +161,9 @@ def _max_pool_bwd(window, strides, padding, x, g):
     the forward pooling and into this backward pass, and two fusions can round differently, so
     an equality test against the forward's maximum could match nothing. Every window sends
     its whole gradient to exactly one element."""
-    (kh, kw), (ph, pw) = window, padding
+    (kh, kw) = window
     out_hw = g.shape[1:3]
-    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)), constant_values=-jnp.inf)
+    xp = _pad_hw(x, padding, -jnp.inf)
     masks = _valid_offsets(window, strides, padding, x.shape[1:3], out_hw)
     idx_dtype = jnp.int8 if kh * kw < 128 else jnp.int32
     best = idx = None
@@ -214,8 +222,8 @@ def _pool_input(x):
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _avg_pool(x, window, strides, padding):
-    (kh, kw), (ph, pw) = window, padding
-    xp = jnp.pad(_pool_input(x), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    (kh, kw) = window
+    xp = _pad_hw(_pool_input(x), padding)
     total = None
     # Row-major window order, as PyTorch's kernel adds; then one division, as PyTorch does.
     for _, _, s in _window_slices(xp, window, strides, _out_hw(x.shape[1:3], window, strides,
@@ -281,7 +289,7 @@ def conv_one_channel(x, kernel, padding):
     ph, pw = _pairs(padding)
     n, h, w, _ = x.shape
     ho, wo = h + 2 * ph - k_h + 1, w + 2 * pw - k_w + 1
-    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    xp = _pad_hw(x, padding)
     y = None
     for i in range(k_h):
         for j in range(k_w):
@@ -325,7 +333,7 @@ def conv_few_channels(x, kernel, padding):
 
 
 def _conv_few_channels_fwd(x, kernel, padding):
-    return conv_nhwc(x, kernel, 1, padding), (x, kernel)
+    return conv_few_channels(x, kernel, padding), (x, kernel)
 
 
 def _conv_few_channels_bwd(padding, res, g):
@@ -354,8 +362,7 @@ conv_few_channels.defvjp(_conv_few_channels_fwd, _conv_few_channels_bwd)
 
 def _padded(x, padding):
     """x zero-padded (H and W) into its own buffer (`_materialize`: see `conv_small_input`)."""
-    (ph, pw) = _pairs(padding)
-    return _materialize(jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0))))
+    return _materialize(_pad_hw(x, padding))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))

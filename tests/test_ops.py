@@ -183,6 +183,11 @@ def test_global_avg_pool():
         ops.global_avg_pool(jnp.asarray(x))[:, 0, 0], x.mean(axis=(1, 2)), rtol=1e-6)
 
 
+def conv_grads(conv, x, w, g):
+    """(dx, dw) of <conv(x, w), g>, jitted."""
+    return jax.jit(jax.grad(lambda x, w: jnp.vdot(conv(x, w), g), (0, 1)))(x, w)
+
+
 @pytest.mark.parametrize("k,p,side", [(5, 2, 28), (3, 1, 33), (5, 0, 14), (1, 0, 7)])
 def test_conv_one_channel_matches_xla_convolution(k, p, side):
     """Values within float32 rounding of XLA's convolution; gradients are the convolution's."""
@@ -194,9 +199,8 @@ def test_conv_one_channel_matches_xla_convolution(k, p, side):
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     g = jax.random.normal(kg, ref.shape)
-    loss = lambda f: lambda x, w: jnp.vdot(f(x, w), g)  # noqa: E731
-    dx, dw = jax.grad(loss(lambda x, w: ops.conv_one_channel(x, w, p)), (0, 1))(x, w)
-    rx, rw = jax.grad(loss(lambda x, w: ops.conv_nhwc(x, w, 1, p)), (0, 1))(x, w)
+    dx, dw = conv_grads(lambda x, w: ops.conv_one_channel(x, w, p), x, w, g)
+    rx, rw = conv_grads(lambda x, w: ops.conv_nhwc(x, w, 1, p), x, w, g)
     np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-4)
 
@@ -217,9 +221,8 @@ def test_conv_few_channels_matches_xla_convolution(c, k, p, hw):
     ref = ops.conv_nhwc(x, w, 1, p)
     np.testing.assert_array_equal(jax.jit(ops.conv_few_channels, static_argnums=2)(x, w, p), ref)
     g = jax.random.normal(kg, ref.shape)
-    loss = lambda f: lambda x, w: jnp.vdot(f(x, w), g)  # noqa: E731
-    dx, dw = jax.jit(jax.grad(loss(lambda x, w: ops.conv_few_channels(x, w, p)), (0, 1)))(x, w)
-    rx, rw = jax.jit(jax.grad(loss(lambda x, w: ops.conv_nhwc(x, w, 1, p)), (0, 1)))(x, w)
+    dx, dw = conv_grads(lambda x, w: ops.conv_few_channels(x, w, p), x, w, g)
+    rx, rw = conv_grads(lambda x, w: ops.conv_nhwc(x, w, 1, p), x, w, g)
     assert dx.shape == x.shape
     np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, rw, rtol=1e-6, atol=1e-6)
@@ -237,9 +240,8 @@ def test_conv_small_input_matches_xla_convolution(shape, k, p):
     got = jax.jit(ops.conv_small_input, static_argnums=2)(x, w, p)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     g = jax.random.normal(kg, ref.shape)
-    loss = lambda f: lambda x, w: jnp.vdot(f(x, w), g)  # noqa: E731
-    dx, dw = jax.jit(jax.grad(loss(lambda x, w: ops.conv_small_input(x, w, p)), (0, 1)))(x, w)
-    rx, rw = jax.jit(jax.grad(loss(lambda x, w: ops.conv_nhwc(x, w, 1, p)), (0, 1)))(x, w)
+    dx, dw = conv_grads(lambda x, w: ops.conv_small_input(x, w, p), x, w, g)
+    rx, rw = conv_grads(lambda x, w: ops.conv_nhwc(x, w, 1, p), x, w, g)
     np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-5)
 
