@@ -193,6 +193,29 @@ def test_small_working_set_and_cache_give_the_same_solution(fashion_pair):
     _compare_decisions(small.decision_function(x), full.decision_function(x))
 
 
+def test_cached_rows_read_on_the_host(fashion_pair, monkeypatch):
+    """With every kernel row cached (the default at Fashion-MNIST's sizes), the float64
+    gradient check reads the rows from the cache in host memory: `_rows` is neither compiled
+    nor called, and the result is the one its device gather gives."""
+    x, y = fashion_pair
+    calls = []
+    rows = svm._rows
+    monkeypatch.setattr(svm, "_host_memory", lambda a: False)
+    monkeypatch.setattr(svm, "_rows", lambda *a, **k: calls.append(1) or rows(*a, **k))
+    via_device = svm.SVC(C=10, tol=TOL).fit(x, y)
+    monkeypatch.undo()
+    assert calls
+
+    def no_rows(*a, **k):
+        raise AssertionError("_rows called")
+
+    monkeypatch.setattr(svm, "_rows", no_rows)
+    on_host = svm.SVC(C=10, tol=TOL).fit(x, y)
+    np.testing.assert_array_equal(on_host.dual_objective_, via_device.dual_objective_)
+    np.testing.assert_array_equal(on_host.kkt_violation_, via_device.kkt_violation_)
+    np.testing.assert_array_equal(on_host.dual_coef_, via_device.dual_coef_)
+
+
 def test_multiclass_one_vs_one_layout(three_class):
     x, y = three_class
     c = 1.0
