@@ -52,6 +52,11 @@ def parse_args(argv=None):
                    help="data-parallel over N devices of each process, or 'all' (default: "
                         "all); the batch size is the global batch, split across them")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compilation-cache", metavar="DIR|off",
+                   help="JAX's persistent compilation cache: a second run of the same "
+                        "program loads it instead of compiling (default: "
+                        "FLAXCNN_COMPILATION_CACHE, else ~/.cache/flaxcnn/xla-<cpu>; 'off' "
+                        "disables it; see flaxcnn.compilation_cache)")
     p.add_argument("--precise-bn", type=int, default=20, metavar="BATCHES",
                    help="evaluate BatchNorm networks with statistics re-estimated over this many "
                         "training batches with the current weights (default 20); 0 evaluates "
@@ -130,7 +135,10 @@ def book_table(reports):
 
 def main(argv=None):
     parser, args = parse_args(argv)
-    from flaxcnn import distributed
+    from flaxcnn import compilation_cache, distributed
+
+    # before anything compiles: JAX decides on its first compilation whether to use a cache
+    compilation_cache.enable(args.compilation_cache or "auto")
 
     try:  # before anything starts a JAX backend
         distributed.initialize(

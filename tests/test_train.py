@@ -198,3 +198,71 @@ def test_precise_bn_statistics_are_the_batch_statistics(small_batch):
                                    atol=1e-6)
         np.testing.assert_allclose(stats[bn][var_key], conv.var((0, 1, 2)), rtol=1e-4,
                                    atol=1e-6)
+
+
+def test_compilation_cache_reloads_the_same_programs(tmp_path):
+    """A second run loads its compiled steps from the persistent cache and trains
+    bit-identically; `--compilation-cache off` writes nothing."""
+    cache = tmp_path / "cache"
+    run = ["--model", "lenet_bn", "--train-size", "2560", "--test-size", "512", "--epochs", "1",
+           "--precise-bn", "0", "--compilation-cache", str(cache)]
+    reports = []
+    for name in ("first", "second"):
+        r = _run([*run, "--workdir", str(tmp_path / name)])
+        assert r.returncode == 0, r.stderr
+        with open(tmp_path / name / "report.json") as f:
+            reports.append(json.load(f))
+    assert reports[0]["compile_cache_hits"] == 0
+    assert any(cache.iterdir())
+    assert reports[1]["compile_cache_hits"] >= 2  # the train and eval steps
+    assert "programs loaded from the compilation cache" in r.stdout
+    for key in ("loss", "train_acc", "test_acc", "clean_train_acc"):
+        assert reports[1][key] == reports[0][key], key
+    first, _ = _final_params(tmp_path / "first")
+    second, _ = _final_params(tmp_path / "second")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, second, first)
+
+    r = _run([*run[:-1], "off", "--no-checkpoint", "--workdir", str(tmp_path / "off")],
+             env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert r.returncode == 0, r.stderr
+    assert "compilation cache" not in r.stdout
+    assert not (tmp_path / "xdg" / "flaxcnn").exists()
+
+
+def test_compilation_cache_directory_choice(tmp_path, monkeypatch):
+    from flaxcnn import compilation_cache as cc
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(cc.ENV, raising=False)
+    default = cc.default_directory()
+    assert default.startswith(str(tmp_path / "flaxcnn" / "xla-"))
+    assert default == cc.default_directory()  # the same machine, the same folder
+    for off in ("off", "0", "none", ""):
+        monkeypatch.setenv(cc.ENV, off)
+        assert cc.default_directory() is None
+    monkeypatch.setenv(cc.ENV, "~/somewhere")
+    assert cc.default_directory() == os.path.expanduser("~/somewhere")
+
+
+def test_compilation_cache_enable(tmp_path):
+    """In a fresh process: a directory that cannot be written warns and leaves the cache off; a
+    directory the user gave JAX wins over ours."""
+    script = (
+        "import warnings, jax\n"
+        "from flaxcnn import compilation_cache as cc\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    print(cc.enable({str(tmp_path / 'file' / 'sub')!r}), len(w), str(w[0].message))\n"
+        "print(jax.config.jax_compilation_cache_dir)\n"
+        f"jax.config.update('jax_compilation_cache_dir', {str(tmp_path / 'own')!r})\n"
+        f"print(cc.enable({str(tmp_path / 'ours')!r}))\n"
+    )
+    (tmp_path / "file").write_text("not a directory")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("None 1 no compilation cache:"), lines
+    assert lines[1] == "None"
+    assert lines[2] == str(tmp_path / "own")
+    assert not (tmp_path / "ours").exists()
