@@ -55,8 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--compilation-cache", metavar="DIR|off",
                    help="JAX's persistent compilation cache: a second run of the same "
                         "program loads it instead of compiling (default: "
-                        "FLAXCNN_COMPILATION_CACHE, else ~/.cache/flaxcnn/xla-<cpu>; 'off' "
-                        "disables it; see flaxcnn.compilation_cache)")
+                        "FLAXCNN_COMPILATION_CACHE, else a directory set for JAX, else "
+                        "~/.cache/flaxcnn/xla-<cpu>; 'off' disables any; see "
+                        "flaxcnn.compilation_cache)")
     p.add_argument("--precise-bn", type=int, default=20, metavar="BATCHES",
                    help="evaluate BatchNorm networks with statistics re-estimated over this many "
                         "training batches with the current weights (default 20); 0 evaluates "
@@ -137,7 +138,7 @@ def main(argv=None):
     parser, args = parse_args(argv)
     from flaxcnn import compilation_cache, distributed
 
-    # before anything compiles: JAX decides on its first compilation whether to use a cache
+    # before anything compiles: programs compiled earlier are not cached
     compilation_cache.enable(args.compilation_cache or "auto")
 
     try:  # before anything starts a JAX backend

@@ -216,6 +216,25 @@ def test_cached_rows_read_on_the_host(fashion_pair, monkeypatch):
     np.testing.assert_array_equal(on_host.dual_coef_, via_device.dual_coef_)
 
 
+def test_cached_rows_read_on_the_host_for_svr(monkeypatch):
+    """The same for epsilon-SVR, whose points carry two variables each."""
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 784))
+    z = np.sin(6 * x[:, :4].sum(1))
+    kw = dict(kernel="rbf", C=10.0, epsilon=0.05, tol=TOL)
+    calls = []
+    rows = svm._rows
+    monkeypatch.setattr(svm, "_host_memory", lambda a: False)
+    monkeypatch.setattr(svm, "_rows", lambda *a, **k: calls.append(1) or rows(*a, **k))
+    via_device = svm.SVR(**kw).fit(x, z)
+    monkeypatch.undo()
+    assert calls
+    monkeypatch.setattr(svm, "_rows", lambda *a, **k: pytest.fail("_rows called"))
+    on_host = svm.SVR(**kw).fit(x, z)
+    np.testing.assert_array_equal(on_host.dual_coef_, via_device.dual_coef_)
+    np.testing.assert_array_equal(on_host.intercept_, via_device.intercept_)
+
+
 def test_multiclass_one_vs_one_layout(three_class):
     x, y = three_class
     c = 1.0

@@ -222,11 +222,15 @@ def test_compilation_cache_reloads_the_same_programs(tmp_path):
     second, _ = _final_params(tmp_path / "second")
     jax.tree_util.tree_map(np.testing.assert_array_equal, second, first)
 
-    r = _run([*run[:-1], "off", "--no-checkpoint", "--workdir", str(tmp_path / "off")],
-             env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    # off wins over a cache configured for JAX, and over FLAXCNN_COMPILATION_CACHE=on
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg"), "FLAXCNN_COMPILATION_CACHE": "on",
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax")}
+    r = _run([*run[:-1], "off", "--no-checkpoint", "--workdir", str(tmp_path / "w-off")],
+             env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "compilation cache" not in r.stdout
     assert not (tmp_path / "xdg" / "flaxcnn").exists()
+    assert not (tmp_path / "jax").exists() and not (tmp_path / "off").exists()
 
 
 def test_compilation_cache_directory_choice(tmp_path, monkeypatch):
@@ -240,29 +244,46 @@ def test_compilation_cache_directory_choice(tmp_path, monkeypatch):
     for off in ("off", "0", "none", ""):
         monkeypatch.setenv(cc.ENV, off)
         assert cc.default_directory() is None
+    for on in ("on", "1", "yes"):
+        monkeypatch.setenv(cc.ENV, on)
+        assert cc.default_directory() == default
     monkeypatch.setenv(cc.ENV, "~/somewhere")
     assert cc.default_directory() == os.path.expanduser("~/somewhere")
 
 
 def test_compilation_cache_enable(tmp_path):
-    """In a fresh process: a directory that cannot be written warns and leaves the cache off; a
-    directory the user gave JAX wins over ours."""
+    """In fresh processes: a directory that cannot be written warns and leaves the cache off; a
+    directory given to JAX is used by "auto" (keeping its limits) but not over an explicit one
+    or FLAXCNN_COMPILATION_CACHE; "off" turns any cache off."""
+    (tmp_path / "file").write_text("not a directory")
+    own, ours = str(tmp_path / "own"), str(tmp_path / "ours")
     script = (
-        "import warnings, jax\n"
+        "import sys, warnings, jax\n"
         "from flaxcnn import compilation_cache as cc\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
-        f"    print(cc.enable({str(tmp_path / 'file' / 'sub')!r}), len(w), str(w[0].message))\n"
-        "print(jax.config.jax_compilation_cache_dir)\n"
-        f"jax.config.update('jax_compilation_cache_dir', {str(tmp_path / 'own')!r})\n"
-        f"print(cc.enable({str(tmp_path / 'ours')!r}))\n"
+        "    got = cc.enable(sys.argv[1])\n"
+        "print(got, [str(x.message) for x in w])\n"
+        "print(jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache,"
+        " jax.config.jax_compilation_cache_max_size)\n"
     )
-    (tmp_path / "file").write_text("not a directory")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       cwd=ROOT, timeout=120)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    assert lines[0].startswith("None 1 no compilation cache:"), lines
-    assert lines[1] == "None"
-    assert lines[2] == str(tmp_path / "own")
-    assert not (tmp_path / "ours").exists()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+
+    def enable(arg, **extra):
+        r = subprocess.run([sys.executable, "-c", script, arg], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120, env={**env, **extra})
+        assert r.returncode == 0, r.stderr
+        return r.stdout.splitlines()
+
+    out = enable(str(tmp_path / "file" / "sub"))
+    assert out[0].startswith("None ") and "no compilation cache: " in out[0], out
+    assert out[1].split()[1] == "False"
+    out = enable("auto", JAX_COMPILATION_CACHE_DIR=own, FLAXCNN_COMPILATION_CACHE="on")
+    assert out == [f"{own} []", f"{own} True -1"]  # the user's cache, the user's limits
+    out = enable("auto", JAX_COMPILATION_CACHE_DIR=own, FLAXCNN_COMPILATION_CACHE=ours)
+    assert out == [f"{ours} []", f"{ours} True {2 << 30}"]
+    out = enable(ours, JAX_COMPILATION_CACHE_DIR=own)
+    assert out[0] == f"{ours} []"
+    out = enable("off", JAX_COMPILATION_CACHE_DIR=own)
+    assert out[0] == "None []" and out[1].split()[1] == "False"
+    assert not (tmp_path / "own").exists()
