@@ -246,6 +246,39 @@ def test_conv_small_input_matches_xla_convolution(shape, k, p):
     np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape,o", [((2, 27, 26, 16), 24), ((3, 5, 4, 7), 5)])
+def test_conv_1x1_matches_xla_convolution(shape, o):
+    """Forward pass and input gradient are XLA's convolution; the kernel gradient (one matrix
+    product over N*H*W) is within float32 rounding of XLA's."""
+    kx, kw, kg = jax.random.split(jax.random.key(o), 3)
+    x = jax.random.normal(kx, shape)
+    w = jax.random.normal(kw, (1, 1, shape[-1], o)) * 0.3
+    ref = ops.conv_nhwc(x, w, 1, 0)
+    np.testing.assert_array_equal(jax.jit(ops.conv_1x1)(x, w), ref)
+    g = jax.random.normal(kg, ref.shape)
+    dx, dw = conv_grads(ops.conv_1x1, x, w, g)
+    rx, rw = conv_grads(lambda x, w: ops.conv_nhwc(x, w, 1, 0), x, w, g)
+    np.testing.assert_array_equal(dx, rx)
+    np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-4)
+
+
+def test_nin_1x1_kernel_gradients_only_on_cpu():
+    """NiN's 1x1 layers on 54x54 and 26x26 maps (4 of its 8): on a CPU their kernel gradients
+    are matrix products, elsewhere convolutions; smaller maps keep XLA's on every platform."""
+    from jax import export
+
+    from flaxcnn import models
+
+    model = models.create("nin", dropout_rate=0.0)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 1)), train=False)
+    grad = jax.jit(jax.grad(lambda p, x: model.apply({"params": p}, x, train=True).sum()))
+    x = jnp.zeros((1, 224, 224, 1))
+    convs = {p: export.export(grad, platforms=[p])(variables["params"], x).mlir_module().count(
+        "stablehlo.convolution") for p in ("cpu", "cuda", "tpu")}
+    # 12 layers: forward, input gradient (not the first layer's), kernel gradient each
+    assert convs == {"cpu": 12 + 11 + 12 - 4, "cuda": 35, "tpu": 35}
+
+
 def test_googlenet_convolutions_keep_their_operands_on_cpu():
     """GoogLeNet's 5x5 convolutions on 3x3 maps: without conv_small_input, XLA:CPU swaps
     image and kernel (dim_labels 01fb_o01i->f01b) and runs them 10x slower."""

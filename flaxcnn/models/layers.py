@@ -60,6 +60,11 @@ class Conv(nn.Module):
         return conv(x, kernel) + bias
 
 
+# 1x1 convolutions on maps of at least this many positions take `ops.conv_1x1`: NiN's (54x54,
+# 26x26) gain; GoogLeNet's and DenseNet's (24x24 and less) did not (xla_cpu_study.md)
+_LARGE_1X1 = 26 * 26
+
+
 def _cpu_convolution(x, k: int, strides: int, padding: int):
     """The convolutions XLA:CPU handles badly, and what flaxcnn runs instead on a CPU (ops.py;
     the evidence in benchmarks/xla_cpu_study.md), or None for XLA's own."""
@@ -70,6 +75,8 @@ def _cpu_convolution(x, k: int, strides: int, padding: int):
         return partial(ops.conv_one_channel, padding=padding)
     if side < k and 0 < padding < k:  # GoogLeNet's 5x5 branches on 3x3 maps: operands swapped
         return partial(ops.conv_small_input, padding=padding)
+    if k == 1 and padding == 0 and x.shape[1] * x.shape[2] >= _LARGE_1X1:  # NiN's 1x1 layers
+        return ops.conv_1x1
     if 1 < c <= 8:  # LeNet's second layer: a slow input gradient for few channels
         return partial(ops.conv_few_channels, padding=padding)
     return None
