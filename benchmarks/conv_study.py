@@ -1,7 +1,8 @@
 """One convolution layer of the book's networks, forward and forward+backward, several ways on
 XLA:CPU: XLA's convolution (`ops.conv_nhwc`), im2col (k*k strided slices concatenated, one
 GEMM; autodiff gives the gradients), for one input channel `ops.conv_one_channel`, and for a
-few input channels `ops.conv_few_channels` (input gradient as a GEMM and a col2im).
+few input channels `ops.conv_few_channels` (input gradient as a GEMM and a col2im), for 1x1
+layers `ops.conv_1x1` (kernel gradient as one GEMM over N*H*W).
 
 The evidence behind flaxcnn's convolution choices (benchmarks/xla_cpu_study.md): im2col loses
 to XLA's convolution at every shape here; k*k multiply-adds win for small one-channel kernels;
@@ -38,6 +39,11 @@ SHAPES = {
     "lenet_bn conv2 padded by 2": (256, 12, 6, 16, 5, 1, 2),
     "16->16 5x5 @12": (256, 12, 16, 16, 5, 1, 0),
     "googlenet 5x5, 48->128 @3": (32, 3, 48, 128, 5, 1, 2),
+    "nin 1x1, 96 @54": (32, 54, 96, 96, 1, 1, 0),
+    "nin 1x1, 256 @26": (32, 26, 256, 256, 1, 1, 0),
+    "nin 1x1, 384 @12": (32, 12, 384, 384, 1, 1, 0),
+    "googlenet 1x1, 64 @24": (32, 24, 64, 64, 1, 1, 0),
+    "googlenet 1x1, 480->192 @6": (32, 6, 480, 192, 1, 1, 0),
 }
 
 
@@ -79,7 +85,8 @@ def main(argv=None):
 
     print("| layer (batch) | XLA conv fwd / fwd+bwd ms | im2col fwd / fwd+bwd ms "
           "| k*k multiply-adds fwd / fwd+bwd ms | GEMM input gradient fwd / fwd+bwd ms "
-          "| padded copy fwd / fwd+bwd ms |\n|---|---|---|---|---|---|")
+          "| padded copy fwd / fwd+bwd ms | 1x1 kernel-gradient GEMM fwd / fwd+bwd ms "
+          "|\n|---|---|---|---|---|---|---|")
     for name, (n, h, c, o, k, s, pad) in SHAPES.items():
         if args.select and not any(w in name for w in args.select):
             continue
@@ -93,6 +100,8 @@ def main(argv=None):
             impls["few"] = lambda x, w, pad=pad: ops.conv_few_channels(x, w, pad)
         if h < k and 0 < pad < k and s == 1:
             impls["small"] = lambda x, w, pad=pad: ops.conv_small_input(x, w, pad)
+        if k == 1 and s == 1 and pad == 0:
+            impls["1x1"] = ops.conv_1x1
         # The first layer's input needs no gradient; the others' do.
         argnums = (1,) if c == 1 else (0, 1)
         cells = {}
@@ -101,7 +110,8 @@ def main(argv=None):
             grad = jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(jnp.sin(f(x, w))), argnums))
             cells[key] = f"{median_ms(fwd, x, w):.1f} / {median_ms(grad, x, w):.1f}"
         print(f"| {name} ({n}) | {cells['xla']} | {cells['im2col']} | "
-              f"{cells.get('shift', '-')} | {cells.get('few', '-')} | {cells.get('small', '-')} |",
+              f"{cells.get('shift', '-')} | {cells.get('few', '-')} | {cells.get('small', '-')} | "
+              f"{cells.get('1x1', '-')} |",
               flush=True)
     return 0
 

@@ -366,10 +366,11 @@ def conv_1x1(x, kernel):
     whose kernel gradient is one matrix product X^T G over all N*H*W positions.
 
     XLA:CPU computes that kernel gradient as a convolution on transposed copies of both
-    operands: 51 ms for NiN's first 1x1 layer at batch 32 (33 GFLOP/s), against 23 ms for the
-    product; the NiN step trains 1.05x faster, while GoogLeNet's and DenseNet's 1x1 layers (at
-    most 24x24) gained nothing (benchmarks/xla_cpu_study.md). The forward pass and the input
-    gradient are XLA's convolution."""
+    operands; as a product, NiN's first 1x1 layer at batch 32 takes 101 instead of 119 ms forward
+    and backward (benchmarks/conv_study.py) and the NiN step trains 1.03-1.05x faster, while
+    GoogLeNet's and DenseNet's 1x1 layers (at most 24x24) gained nothing
+    (benchmarks/xla_cpu_study.md). The forward pass and the input gradient are XLA's
+    convolution."""
     return conv_nhwc(x, kernel, 1, 0)
 
 
