@@ -114,41 +114,13 @@ def _dot1x1(conv, x, kernel, strides, padding, precision=None):
     return conv(x, kernel, strides, padding, precision)
 
 
-def _dw1x1(conv, x, kernel, strides, padding, precision=None):
-    """`ops.conv_nhwc`, except that the kernel gradient of a 1x1, stride-1, unpadded convolution
-    is the matrix product X^T G over N*H*W (forward and input gradient stay XLA's; the "dw1x1"
-    variant). Isolated, XLA's kernel gradient of NiN's first 1x1 layer takes 51 ms (33
-    GFLOP/s, with transposed copies of both operands), this product 23 ms."""
-    import jax
-    from jax import lax
-
-    if not (kernel.shape[:2] == (1, 1) and strides in (1, (1, 1)) and padding in (0, (0, 0))):
-        return conv(x, kernel, strides, padding, precision)
-
-    @jax.custom_vjp
-    def conv1x1(x, kernel):
-        return conv(x, kernel, 1, 0, precision)
-
-    def fwd(x, kernel):
-        return conv1x1(x, kernel), (x, kernel)
-
-    def bwd(res, g):
-        x, kernel = res
-        dx = jax.vjp(lambda x: conv(x, kernel, 1, 0, precision), x)[1](g)[0]
-        dk = lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
-                             (((0,), (0,)), ((), ())))
-        return dx, dk.reshape(kernel.shape)
-
-    conv1x1.defvjp(fwd, bwd)
-    return conv1x1(x, kernel)
-
-
 def build(name, batch, side, config, k_scan):
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from flaxcnn import models, ops, recipes, training
+    from flaxcnn.models import layers
 
     opts, custom_pool, kind, *extra = CONFIGS[config]
     model = models.create(name)
@@ -188,8 +160,8 @@ def build(name, batch, side, config, k_scan):
     variants = {
         # 1x1 convolutions as (N*H*W, C) @ (C, O) matrix products
         "dot1x1": {"conv_nhwc": partial(_dot1x1, xla_conv)},
-        # only their kernel gradient as a matrix product (XLA's convolution otherwise)
-        "dw1x1": {"conv_nhwc": partial(_dw1x1, xla_conv)},
+        # only their kernel gradient as a matrix product (ops.conv_1x1), whatever the map size
+        "dw1x1": {"layers._LARGE_1X1": 1},
         # the CPU convolution paths undone, each back to XLA's convolution or fusion
         "conv1ch": {"conv_one_channel": xla_stride1},
         "convfew": {"conv_few_channels": xla_stride1},
@@ -200,16 +172,20 @@ def build(name, batch, side, config, k_scan):
     }
     for v in extra:
         patches.update(variants[v])
-    saved = {k: getattr(ops, k) for k in patches}
+    def target(key):  # "name": an attribute of flaxcnn.ops; "layers.name": of models.layers
+        module, _, name = key.rpartition(".")
+        return {"": ops, "layers": layers}[module], name
+
+    saved = {k: getattr(*target(k)) for k in patches}
     for k, f in patches.items():
-        setattr(ops, k, f)
+        setattr(*target(k), f)
     try:
         t = time.perf_counter()
         compiled = fn.lower(state, *args).compile(opts)
         compile_s = time.perf_counter() - t
     finally:
         for k, f in saved.items():
-            setattr(ops, k, f)
+            setattr(*target(k), f)
     holder = {"state": state, "cpu": []}
 
     def run(iters):

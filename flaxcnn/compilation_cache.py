@@ -85,6 +85,20 @@ def counts() -> dict:
         return dict(_counts)
 
 
+def since(start: dict) -> dict:
+    """`counts()` minus an earlier `counts()`: what the work between them looked up and loaded."""
+    now = counts()
+    return {k: now[k] - start[k] for k in now}
+
+
+def summary(delta: dict) -> str:
+    """'H of R programs loaded from the compilation cache' for a `since` delta, '' when nothing
+    was looked up (no cache)."""
+    if not delta["requests"]:
+        return ""
+    return f"{delta['hits']} of {delta['requests']} programs loaded from the compilation cache"
+
+
 def enable(directory: str | None = "auto") -> str | None:
     """Turn JAX's persistent compilation cache on; returns the directory in use, or None.
 
@@ -94,18 +108,14 @@ def enable(directory: str | None = "auto") -> str | None:
     global _listening
     import jax
 
+    if directory is not None and directory.strip().lower() in ON:
+        # FLAXCNN_COMPILATION_CACHE (a path or off) before a directory configured for JAX
+        ours_set = os.environ.get(ENV, "on").strip().lower() not in ON
+        jax_own = None if ours_set else jax.config.jax_compilation_cache_dir
+        directory = jax_own or default_directory()
     if directory is None or directory.strip().lower() in OFF:
         jax.config.update("jax_enable_compilation_cache", False)
         return None
-    if directory.strip().lower() in ON:
-        env = os.environ.get(ENV)
-        if env is None or env.strip().lower() in ON:
-            directory = jax.config.jax_compilation_cache_dir or default_directory()
-        else:
-            directory = default_directory()
-            if directory is None:
-                jax.config.update("jax_enable_compilation_cache", False)
-                return None
     directory = os.path.abspath(os.path.expanduser(directory))
     jax_own = jax.config.jax_compilation_cache_dir
     ours = not jax_own or directory != os.path.abspath(os.path.expanduser(jax_own))

@@ -558,26 +558,26 @@ def _gradient64(state, alpha, y, p, pidx, n, chunk, dev, block, x, kp):
     if len(nz) * n * x.shape[1] <= _HOST_GRADIENT:
         k = _kernel64(x[nz], x, *kp)
         return state, y * (coef[nz] @ k)[pidx] + p
-    cache = state[CACHE]
-    if cache.shape[0] >= cache.shape[1] and _host_memory(cache):
-        # every row has its own slot (the slot of point i is i) and every point with a nonzero
-        # coefficient has moved, so its row is cached: read the rows where they lie (no
-        # compiled gather, and no compilation of `_rows` for a fit whose cache holds all rows)
-        if (np.asarray(state[SLOT_OF])[nz] == nz).all():
-            rows = np.asarray(cache)  # a view, dropped before the cache is donated again
-            for start in range(0, len(nz), block):
-                part = nz[start : start + block]
-                v += coef[part] @ rows[part, :n].astype(np.float64)
-            return state, y * v[pidx] + p
+    # With every row in its own slot (the slot of point i is i) and the cache in host memory,
+    # the rows are read where they lie (no compiled gather, and no compilation of `_rows`):
+    # every point with a nonzero coefficient has moved, so its row is cached.
+    cache, host = state[CACHE], None
+    if cache.shape[0] >= cache.shape[1] and _host_memory(cache) and (
+        np.asarray(state[SLOT_OF])[nz] == nz
+    ).all():
+        host = np.asarray(cache)  # a view, dropped before the cache is donated again
     for start in range(0, len(nz), block):
         part = nz[start : start + block]
-        pts = np.zeros(block, np.int32)
-        pts[: len(part)] = part
-        want = np.arange(block) < len(part)
-        state, rows = _rows(
-            state, pts=jnp.asarray(pts), want=jnp.asarray(want), chunk=chunk, **dev
-        )
-        rows = np.asarray(rows)[: len(part), :n]
+        if host is not None:
+            rows = host[part, :n]
+        else:
+            pts = np.zeros(block, np.int32)
+            pts[: len(part)] = part
+            want = np.arange(block) < len(part)
+            state, rows = _rows(
+                state, pts=jnp.asarray(pts), want=jnp.asarray(want), chunk=chunk, **dev
+            )
+            rows = np.asarray(rows)[: len(part), :n]
         v += coef[part] @ rows.astype(np.float64)
     return state, y * v[pidx] + p
 
@@ -1362,12 +1362,11 @@ def run(args=None, /, **kwargs) -> dict:
 
     from flaxcnn import compilation_cache
 
-    before = compilation_cache.counts()
+    cache_start = compilation_cache.counts()
     t0 = time.perf_counter()
     model.fit(xtr, ytr)
     fit_seconds = time.perf_counter() - t0
-    after = compilation_cache.counts()
-    hits, requests = (after[k] - before[k] for k in ("hits", "requests"))
+    cache = compilation_cache.since(cache_start)
     t0 = time.perf_counter()
     test_acc = float(np.mean(model.predict(xte) == yte))
     predict_seconds = time.perf_counter() - t0
@@ -1399,7 +1398,7 @@ def run(args=None, /, **kwargs) -> dict:
         "predict_seconds": predict_seconds,
         "train_predict_seconds": train_predict_seconds,
         "data_seconds": data_seconds,
-        "compile_cache_hits": hits,
+        "compile_cache_hits": cache["hits"],
         "n_support": int(len(model.support_)),
         "binary_problems": len(model.n_iter_),
         "outer_iterations": int(model.n_iter_.sum()),
@@ -1414,8 +1413,7 @@ def run(args=None, /, **kwargs) -> dict:
     log(f"fit {fit_seconds:.1f} s ({report['binary_problems']} binary problems,"
         f" {report['n_support']} support vectors, dual objective {report['dual_objective']:.6g},"
         f" loss = mean hinge loss"
-        + (f"; {hits} of {requests} programs loaded from the compilation cache" if requests
-           else "")
+        + (f"; {cached}" if (cached := compilation_cache.summary(cache)) else "")
         + f"), predict {predict_seconds:.1f} s test /"
         f" {train_predict_seconds:.1f} s train, data {data_seconds:.1f} s")
     return report

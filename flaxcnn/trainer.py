@@ -342,7 +342,7 @@ class Run:
         ahead of time, so that compile time is measured apart from training time."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        before = compilation_cache.counts()
+        cache_start = compilation_cache.counts()
         n_train = self.train_labels.shape[0]
         n_dev = len(self.devices)
         self.train_bs = min(cfg.batch_size, n_train - n_train % n_dev) or n_dev
@@ -389,9 +389,7 @@ class Run:
                 out_shardings=self.replicated,
             ).lower(state, stats, self.train_images, idx).compile()
         self.compile_seconds = time.perf_counter() - t0
-        after = compilation_cache.counts()
-        self.cache_hits = after["hits"] - before["hits"]
-        self.cache_requests = after["requests"] - before["requests"]
+        self.cache = compilation_cache.since(cache_start)
 
     def _abstract(self, shapes):
         return jax.tree_util.tree_map(
@@ -491,8 +489,7 @@ def fit(cfg: Config, log=print) -> dict:
     device = run.label()
     log(f"{cfg.model}: {n_train} training examples, side {cfg.side}, batch {run.train_bs}, "
         f"lr {cfg.lr}, {cfg.epochs} epochs on {device}; compiled in {run.compile_seconds:.1f} s"
-        + (f" ({run.cache_hits} of {run.cache_requests} programs loaded from the compilation cache)"
-           if run.cache_requests else ""))
+        + (f" ({cached})" if (cached := compilation_cache.summary(run.cache)) else ""))
 
     curve = []  # (epoch fraction, loss, train acc) points, as the book's Animator draws them
     for h in history:
@@ -631,7 +628,7 @@ def fit(cfg: Config, log=print) -> dict:
         "test_examples": last.get("test_examples"),
         "train_seconds": train_seconds,
         "compile_seconds": run.compile_seconds,
-        "compile_cache_hits": run.cache_hits,
+        "compile_cache_hits": run.cache["hits"],
         "data_seconds": run.data_seconds,
         "wall_seconds": time.perf_counter() - t_start,
         "epochs": cfg.epochs,

@@ -1,5 +1,7 @@
 """`flaxcnn.ops` against PyTorch's pooling, values and gradients, ties included."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,19 +190,26 @@ def conv_grads(conv, x, w, g):
     return jax.jit(jax.grad(lambda x, w: jnp.vdot(conv(x, w), g), (0, 1)))(x, w)
 
 
+def against_xla(conv, seed, x_shape, w_shape, padding):
+    """conv(x, w) and its (dx, dw), then XLA's stride-1 convolution's, on random x, w (scaled
+    by 0.3) and output gradient: (got, ref, grads, ref_grads), all jitted."""
+    kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, x_shape)
+    w = jax.random.normal(kw, w_shape) * 0.3
+    xla = partial(ops.conv_nhwc, strides=1, padding=padding)
+    ref = xla(x, w)
+    g = jax.random.normal(kg, ref.shape)
+    return jax.jit(conv)(x, w), ref, conv_grads(conv, x, w, g), conv_grads(xla, x, w, g)
+
+
 @pytest.mark.parametrize("k,p,side", [(5, 2, 28), (3, 1, 33), (5, 0, 14), (1, 0, 7)])
 def test_conv_one_channel_matches_xla_convolution(k, p, side):
     """Values within float32 rounding of XLA's convolution; gradients are the convolution's."""
-    kx, kw, kg = jax.random.split(jax.random.key(k * 100 + side), 3)
-    x = jax.random.normal(kx, (3, side, side, 1))
-    w = jax.random.normal(kw, (k, k, 1, 4)) * 0.3
-    ref = ops.conv_nhwc(x, w, 1, p)
-    got = jax.jit(ops.conv_one_channel, static_argnums=2)(x, w, p)
+    got, ref, (dx, dw), (rx, rw) = against_xla(
+        partial(ops.conv_one_channel, padding=p), k * 100 + side, (3, side, side, 1),
+        (k, k, 1, 4), p)
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-    g = jax.random.normal(kg, ref.shape)
-    dx, dw = conv_grads(lambda x, w: ops.conv_one_channel(x, w, p), x, w, g)
-    rx, rw = conv_grads(lambda x, w: ops.conv_nhwc(x, w, 1, p), x, w, g)
     np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-4)
 
@@ -215,15 +224,10 @@ def test_conv_one_channel_rejects_several_channels():
 def test_conv_few_channels_matches_xla_convolution(c, k, p, hw):
     """The forward pass is XLA's convolution; the input gradient (a product and k*k shifted
     adds) is within float32 rounding of XLA's, the kernel gradient is XLA's."""
-    kx, kw, kg = jax.random.split(jax.random.key(c * 100 + k), 3)
-    x = jax.random.normal(kx, (3, *hw, c))
-    w = jax.random.normal(kw, (k, k, c, 16)) * 0.3
-    ref = ops.conv_nhwc(x, w, 1, p)
-    np.testing.assert_array_equal(jax.jit(ops.conv_few_channels, static_argnums=2)(x, w, p), ref)
-    g = jax.random.normal(kg, ref.shape)
-    dx, dw = conv_grads(lambda x, w: ops.conv_few_channels(x, w, p), x, w, g)
-    rx, rw = conv_grads(lambda x, w: ops.conv_nhwc(x, w, 1, p), x, w, g)
-    assert dx.shape == x.shape
+    got, ref, (dx, dw), (rx, rw) = against_xla(
+        partial(ops.conv_few_channels, padding=p), c * 100 + k, (3, *hw, c), (k, k, c, 16), p)
+    np.testing.assert_array_equal(got, ref)
+    assert dx.shape == rx.shape
     np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, rw, rtol=1e-6, atol=1e-6)
 
@@ -233,15 +237,9 @@ def test_conv_few_channels_matches_xla_convolution(c, k, p, hw):
 def test_conv_small_input_matches_xla_convolution(shape, k, p):
     """An image smaller than the kernel, on a padded copy: values and both gradients within
     float32 rounding of XLA's convolution (kernel gradient: XLA's, on the padded copy)."""
-    kx, kw, kg = jax.random.split(jax.random.key(k * 10 + p), 3)
-    x = jax.random.normal(kx, shape)
-    w = jax.random.normal(kw, (k, k, shape[-1], 7)) * 0.3
-    ref = ops.conv_nhwc(x, w, 1, p)
-    got = jax.jit(ops.conv_small_input, static_argnums=2)(x, w, p)
+    got, ref, (dx, dw), (rx, rw) = against_xla(
+        partial(ops.conv_small_input, padding=p), k * 10 + p, shape, (k, k, shape[-1], 7), p)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-    g = jax.random.normal(kg, ref.shape)
-    dx, dw = conv_grads(lambda x, w: ops.conv_small_input(x, w, p), x, w, g)
-    rx, rw = conv_grads(lambda x, w: ops.conv_nhwc(x, w, 1, p), x, w, g)
     np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-5)
 
@@ -250,14 +248,8 @@ def test_conv_small_input_matches_xla_convolution(shape, k, p):
 def test_conv_1x1_matches_xla_convolution(shape, o):
     """Forward pass and input gradient are XLA's convolution; the kernel gradient (one matrix
     product over N*H*W) is within float32 rounding of XLA's."""
-    kx, kw, kg = jax.random.split(jax.random.key(o), 3)
-    x = jax.random.normal(kx, shape)
-    w = jax.random.normal(kw, (1, 1, shape[-1], o)) * 0.3
-    ref = ops.conv_nhwc(x, w, 1, 0)
-    np.testing.assert_array_equal(jax.jit(ops.conv_1x1)(x, w), ref)
-    g = jax.random.normal(kg, ref.shape)
-    dx, dw = conv_grads(ops.conv_1x1, x, w, g)
-    rx, rw = conv_grads(lambda x, w: ops.conv_nhwc(x, w, 1, 0), x, w, g)
+    got, ref, (dx, dw), (rx, rw) = against_xla(ops.conv_1x1, o, shape, (1, 1, shape[-1], o), 0)
+    np.testing.assert_array_equal(got, ref)
     np.testing.assert_array_equal(dx, rx)
     np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-4)
 
