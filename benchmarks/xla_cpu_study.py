@@ -73,6 +73,8 @@ CONFIGS = {
     "R+pool+dot1x1": (RED, True, "step", "dot1x1"),
     "R+pool+dw1x1": (RED, True, "step", "dw1x1"),
     "R+pool+conv1x1": (RED, True, "step", "conv1x1"),
+    "R+pool+bnvjp": (RED, True, "step", "bnvjp"),
+    "R+pool+flaxbn": (RED, True, "step", "flaxbn"),
     "R+pool+conv1ch": (RED, True, "step", "conv1ch"),
     "R+pool+poolfuse": (RED, True, "step", "poolfuse"),
     "R+pool+convfew": (RED, True, "step", "convfew"),
@@ -114,13 +116,22 @@ def _dot1x1(conv, x, kernel, strides, padding, precision=None):
     return conv(x, kernel, strides, padding, precision)
 
 
+def _flax_batch_norm(train, dtype):
+    """`resnet.batch_norm_layer` as it was: flax.linen.BatchNorm with PyTorch's settings (the
+    "flaxbn" variant)."""
+    import flax.linen as nn
+
+    return partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                   dtype=dtype, use_fast_variance=False)
+
+
 def build(name, batch, side, config, k_scan):
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from flaxcnn import models, ops, recipes, training
-    from flaxcnn.models import layers
+    from flaxcnn.models import densenet, layers, resnet
 
     opts, custom_pool, kind, *extra = CONFIGS[config]
     model = models.create(name)
@@ -169,18 +180,25 @@ def build(name, batch, side, config, k_scan):
         "conv1x1": {"conv_1x1": lambda x, kernel: xla_conv(x, kernel, 1, 0)},
         "conv1ch-fused": {"_one_channel_output": lambda y: y},
         "poolfuse": {"_pool_input": lambda x: x},
+        # BatchNorm2d's training pass differentiated by JAX, as flax.linen.BatchNorm's is
+        "bnvjp": {"batch_norm": ops.batch_norm_autodiff},
+        # flax.linen.BatchNorm itself in ResNet and DenseNet (the previous default)
+        "flaxbn": {f"{m}.batch_norm_layer": _flax_batch_norm for m in ("resnet", "densenet")},
     }
     for v in extra:
         patches.update(variants[v])
     def target(key):  # "name": an attribute of flaxcnn.ops; "layers.name": of models.layers
         module, _, name = key.rpartition(".")
-        return {"": ops, "layers": layers}[module], name
+        return {"": ops, "layers": layers, "resnet": resnet, "densenet": densenet}[module], name
 
     saved = {k: getattr(*target(k)) for k in patches}
     for k, f in patches.items():
         setattr(*target(k), f)
     try:
         t = time.perf_counter()
+        if any(k.endswith("batch_norm_layer") for k in patches):  # other variable names
+            state = training.create_train_state(model, jax.random.key(0), side,
+                                                training.sgd(recipes.get(name).lr))
         compiled = fn.lower(state, *args).compile(opts)
         compile_s = time.perf_counter() - t
     finally:

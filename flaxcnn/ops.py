@@ -424,3 +424,56 @@ def _conv_small_input_bwd(padding, res, g):
 
 
 conv_small_input.defvjp(_conv_small_input_fwd, _conv_small_input_bwd)
+
+
+def _batch_norm_stats(x):
+    """Each channel's (last axis) mean and biased variance, two-pass: the variance of x - mean,
+    as PyTorch and `flax.linen.BatchNorm(use_fast_variance=False)` compute it."""
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes)
+    return mean, jnp.mean(jnp.square(x - mean), axes)
+
+
+def batch_norm_autodiff(x, scale, bias, epsilon):
+    """Training-mode batch normalisation over every axis but the last: (y, mean, var), with
+    y = (x - mean) * (rsqrt(var + epsilon) * scale) + bias, `flax.linen.BatchNorm`'s operations
+    in its order. Differentiated by JAX (what `batch_norm` replaces on a CPU)."""
+    mean, var = _batch_norm_stats(x)
+    return (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias, mean, var
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm(x, scale, bias, epsilon):
+    """`batch_norm_autodiff` with its backward pass written out: two reads of x and of the
+    incoming gradient (one for the two per-channel sums, one for dx), where autodiff of the
+    two-pass statistics gives XLA:CPU eight reductions. Alone, forward and backward: about 2x
+    faster on DenseNet's layers; in the step, where XLA fuses much of autodiff's extra work
+    into neighbouring passes, DenseNet trains 1.03-1.04x faster and ResNet-18 the same
+    (benchmarks/xla_cpu_study.md). Float32 sums in another order: gradients within 2e-6
+    (relative) of autodiff's."""
+    return batch_norm_autodiff(x, scale, bias, epsilon)
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon):
+    mean, var = _batch_norm_stats(x)
+    rstd = lax.rsqrt(var + epsilon)
+    return ((x - mean) * (rstd * scale) + bias, mean, var), (x, mean, rstd, scale)
+
+
+def _batch_norm_bwd(epsilon, res, cts):
+    x, mean, rstd, scale = res
+    dy, dmean, dvar = cts  # zeros unless the statistics themselves are differentiated
+    axes = tuple(range(x.ndim - 1))
+    m = x.size // x.shape[-1]
+    xc = x - mean
+    sum_dy = jnp.sum(dy, axes)
+    sum_dy_xc = jnp.sum(dy * xc, axes)
+    k = scale * rstd
+    # dx = k (dy - mean(dy) - x_hat mean(dy x_hat)) + dmean / m + dvar 2 (x - mean) / m,
+    # as one multiply-add per element with per-channel coefficients
+    a = 2.0 * dvar / m - k * rstd * rstd * sum_dy_xc / m
+    b = dmean / m - k * sum_dy / m
+    return k * dy + a * xc + b, sum_dy_xc * rstd, sum_dy
+
+
+batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)

@@ -423,6 +423,50 @@ def test_scratch_batch_norm_matches_linen(shape):
     assert np.allclose(ys.mean(axes), beta, atol=1e-5)  # normalised on batch statistics
 
 
+@pytest.mark.parametrize("shape", [(6, 5), (3, 4, 5, 7)])
+def test_batch_norm2d_is_linen_batch_norm(shape):
+    """`models.BatchNorm2d` (ResNet's and DenseNet's) is `flax.linen.BatchNorm` with PyTorch's
+    settings: the same variables, outputs, running statistics over three steps and gradients
+    (its CPU backward pass is written out), in both modes; `dtype` sets only the output's."""
+    c = shape[-1]
+    ours = models.BatchNorm2d()
+    linen = nn.BatchNorm(momentum=0.9, epsilon=1e-5, use_fast_variance=False)
+    rng = np.random.default_rng(0)
+    xs = [jnp.asarray(3.0 + 0.5 * rng.standard_normal(shape), jnp.float32) for _ in range(3)]
+    vo = ours.init(jax.random.key(0), xs[0])
+    vl = linen.init(jax.random.key(0), xs[0], use_running_average=True)
+    assert jax.tree_util.tree_structure(vo) == jax.tree_util.tree_structure(vl)
+    assert all(map(np.array_equal, jax.tree_util.tree_leaves(vo), jax.tree_util.tree_leaves(vl)))
+    params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32),
+              "bias": jnp.asarray(rng.standard_normal(c), jnp.float32)}
+    vo, vl = {**vo, "params": params}, {**vl, "params": params}
+    g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    def step(apply, variables, x):
+        def loss(params, x):
+            y, upd = apply({**variables, "params": params}, x)
+            return jnp.vdot(y, g), (y, upd["batch_stats"])
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(variables["params"], x)
+
+    for x in xs:
+        (gpo, gxo), (yo, so) = step(partial(ours.apply, mutable=["batch_stats"]), vo, x)
+        (gpl, gxl), (yl, sl) = step(partial(linen.apply, use_running_average=False,
+                                            mutable=["batch_stats"]), vl, x)
+        assert rel_err(yo, yl) < 1e-6
+        assert rel_err(so["mean"], sl["mean"]) < 1e-6 and rel_err(so["var"], sl["var"]) < 1e-6
+        assert rel_err(gxo, gxl) < 1e-5
+        assert rel_err(gpo["scale"], gpl["scale"]) < 1e-5
+        assert rel_err(gpo["bias"], gpl["bias"]) < 1e-6
+        vo, vl = {**vo, "batch_stats": so}, {**vl, "batch_stats": sl}
+    evaluate = models.BatchNorm2d(use_running_average=True)
+    assert rel_err(evaluate.apply(vo, xs[0]),
+                   linen.apply(vl, xs[0], use_running_average=True)) < 1e-6
+    half = models.BatchNorm2d(dtype=jnp.bfloat16).apply(vo, xs[0].astype(jnp.bfloat16),
+                                                         mutable=["batch_stats"])
+    assert half[0].dtype == jnp.bfloat16 and half[1]["batch_stats"]["var"].dtype == jnp.float32
+
+
 def test_lenet_scratch_and_builtin_agree():
     """The two LeNets with the same weights: same logits, statistics and gradients."""
     x = jax.random.uniform(jax.random.key(1), (4, 28, 28, 1))

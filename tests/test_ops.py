@@ -319,3 +319,47 @@ def test_one_channel_convolution_only_on_cpu():
     convs = {p: export.export(apply, platforms=[p])(variables, x).mlir_module().count(
         "stablehlo.convolution") for p in ("cpu", "cuda", "tpu")}
     assert convs == {"cpu": 1, "cuda": 2, "tpu": 2}
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (3, 6, 5, 4)])
+def test_batch_norm_vjp_matches_autodiff(shape):
+    """`ops.batch_norm`'s written-out backward pass equals autodiff of the same operations,
+    including cotangents for the returned mean and variance (off-centre data)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(2.0 + rng.standard_normal(shape), jnp.float32)
+    c = shape[-1]
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(c), jnp.float32)
+    cts = (jnp.asarray(rng.standard_normal(shape), jnp.float32),
+           jnp.asarray(rng.standard_normal(c), jnp.float32),
+           jnp.asarray(rng.standard_normal(c), jnp.float32))
+    outs, grads = [], []
+    for f in (ops.batch_norm, ops.batch_norm_autodiff):
+        out, vjp = jax.vjp(lambda x, s, b, f=f: f(x, s, b, 1e-5), x, scale, bias)
+        outs.append(out)
+        grads.append(jax.jit(vjp)(cts))
+    for a, b in zip(outs[0], outs[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        assert np.abs(a - b).max() <= 2e-6 * np.abs(b).max()
+
+
+def test_batch_norm_backward_only_on_cpu():
+    """`models.BatchNorm2d` differentiates through `ops.batch_norm` on a CPU (two reductions
+    forward, two backward); a GPU or TPU program differentiates the operations themselves."""
+    from jax import export
+
+    from flaxcnn import models
+
+    bn = models.BatchNorm2d()
+    x = jax.random.normal(jax.random.key(0), (4, 5, 5, 3))
+    variables = bn.init(jax.random.key(1), x)
+
+    def loss(params, x):
+        y, upd = bn.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y)), upd
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+    reductions = {p: export.export(grad, platforms=[p])(variables["params"], x).mlir_module()
+                  .count("stablehlo.reduce") for p in ("cpu", "cuda", "tpu")}
+    assert reductions == {"cpu": 4, "cuda": 10, "tpu": 10}

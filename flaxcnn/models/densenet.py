@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxcnn.models.layers import (
+    BatchNorm2d,
     Conv,
     Dense,
     Dtype,
@@ -18,7 +19,7 @@ from flaxcnn.models.resnet import batch_norm_layer, stem
 from flaxcnn.ops import avg_pool, global_avg_pool
 
 
-def conv_block(num_channels, conv=Conv, norm=nn.BatchNorm):
+def conv_block(num_channels, conv=Conv, norm=BatchNorm2d):
     """The pre-activation order ResNet later adopted: BN, ReLU, 3x3 convolution."""
     return nn.Sequential([
         norm(parent=None), nn.relu, conv(num_channels, 3, padding=1, parent=None),
@@ -32,7 +33,7 @@ class DenseBlock(nn.Module):
     num_convs: int
     num_channels: int
     conv: ModuleDef = Conv
-    norm: ModuleDef = nn.BatchNorm
+    norm: ModuleDef = BatchNorm2d
 
     @nn.compact
     def __call__(self, X):
@@ -42,7 +43,7 @@ class DenseBlock(nn.Module):
         return X
 
 
-def transition_block(num_channels, conv=Conv, norm=nn.BatchNorm):
+def transition_block(num_channels, conv=Conv, norm=BatchNorm2d):
     """A 1x1 convolution to `num_channels` and a stride-2 average pool: keeps the model small."""
     return nn.Sequential([
         norm(parent=None), nn.relu, conv(num_channels, 1, parent=None),

@@ -1,9 +1,11 @@
-"""The layers every network shares: PyTorch's Conv2d and Linear with the book's initialisation.
+"""The layers every network shares: PyTorch's Conv2d and Linear with the book's initialisation,
+and its BatchNorm2d.
 
 `train_ch6` re-initialises every Conv2d and Linear weight with Xavier-uniform and leaves biases at
 PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Flax's bias initialisers see only the
 bias's shape, not fan_in, so these two layers create their own parameters (named `kernel` and
-`bias`, as `nn.Conv` and `nn.Dense` name them).
+`bias`, as `nn.Conv` and `nn.Dense` name them). `BatchNorm2d` is `flax.linen.BatchNorm` with
+PyTorch's settings and the same variables, faster to differentiate on a CPU.
 
 Layers that a block function puts inside an `nn.Sequential` are made with `parent=None`, so that
 the `Sequential` adopts them as its own children rather than the enclosing network.
@@ -80,6 +82,46 @@ def _cpu_convolution(x, k: int, strides: int, padding: int):
     if 1 < c <= 8:  # LeNet's second layer: a slow input gradient for few channels
         return partial(ops.conv_few_channels, padding=padding)
     return None
+
+
+class BatchNorm2d(nn.Module):
+    """`nn.BatchNorm2d`: `flax.linen.BatchNorm(momentum=0.9, epsilon=1e-5,
+    use_fast_variance=False)` (PyTorch's settings, two-pass variance) with the same parameters
+    (`scale`, `bias`) and statistics (`mean`, biased `var`, in `batch_stats`), normalising over
+    every axis but the last.
+
+    Why not Flax's own: XLA:CPU differentiates its two-pass statistics slowly. On a CPU the
+    training pass is `ops.batch_norm`, whose backward pass is written out (DenseNet trains
+    1.03-1.04x faster, ResNet-18 the same); other platforms differentiate the same operations
+    (`ops.batch_norm_autodiff`), chosen when the step is compiled. Statistics and the
+    normalisation are float32 whatever `dtype` (the output's), as Flax computes them."""
+
+    use_running_average: bool = False
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        dtype = self.dtype or jnp.result_type(x, jnp.float32)
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if self.use_running_average:
+            y = (x - ra_mean.value) * (jax.lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
+            return y.astype(dtype)
+        y, mean, var = jax.lax.platform_dependent(
+            x, scale, bias, cpu=partial(ops.batch_norm, epsilon=self.epsilon),
+            default=partial(ops.batch_norm_autodiff, epsilon=self.epsilon),
+        )
+        if not self.is_initializing():
+            mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y.astype(dtype)
 
 
 class Dense(nn.Module):

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxcnn.models.layers import (
+    BatchNorm2d,
     Conv,
     Dense,
     Dtype,
@@ -25,7 +26,7 @@ class Residual(nn.Module):
     use_1x1conv: bool = False
     strides: int = 1
     conv: ModuleDef = Conv
-    norm: ModuleDef = nn.BatchNorm
+    norm: ModuleDef = BatchNorm2d
 
     @nn.compact
     def __call__(self, X):
@@ -39,7 +40,7 @@ class Residual(nn.Module):
         return nn.relu(Y)
 
 
-def resnet_block(num_channels, num_residuals, first_block=False, conv=Conv, norm=nn.BatchNorm):
+def resnet_block(num_channels, num_residuals, first_block=False, conv=Conv, norm=BatchNorm2d):
     """`num_residuals` residual blocks; all but the first stage halve the side and change the
     channel count in their first block."""
     blk = []
@@ -60,11 +61,9 @@ def stem(conv, norm):
 
 
 def batch_norm_layer(train: bool, dtype: Dtype):
-    """PyTorch's `nn.BatchNorm2d` defaults, which are not Flax's (momentum 0.99)."""
-    return partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-        use_fast_variance=False,  # two-pass variance, as PyTorch; E[x^2]-E[x]^2 loses digits
-    )
+    """`nn.BatchNorm2d` in training or evaluation mode (`layers.BatchNorm2d`: PyTorch's momentum
+    and epsilon, two-pass variance)."""
+    return partial(BatchNorm2d, use_running_average=not train, dtype=dtype)
 
 
 class ResNet18(nn.Module):
