@@ -2,7 +2,8 @@
 process stops the other within a bound, and bfloat16 compute trains close to float32.
 
 Simulated devices need XLA_FLAGS before JAX starts, and processes need their own interpreters, so
-those runs are subprocesses; each uses lenet_bn on a few batches.
+those runs are subprocesses; each uses lenet_bn on a few batches (one checks ResNet's and
+DenseNet's BatchNorm2d alone on a sharded batch).
 """
 
 import json
@@ -130,6 +131,50 @@ def test_four_simulated_devices_train_as_one(tmp_path, cache_dir):
     _assert_close(four["tree"], one["tree"])
     assert "only 4 devices are visible" in out["errors"][0]
     assert "must be a multiple of the 4 devices" in out["errors"][1]
+
+
+BATCH_NORM2D_SHARDED = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from flaxcnn import models
+    assert len(jax.devices()) == 4, jax.devices()
+    bn = models.BatchNorm2d()
+    x = 1.0 + 2.0 * jax.random.normal(jax.random.key(0), (8, 5, 5, 3))
+    g = jax.random.normal(jax.random.key(1), x.shape)
+    v = bn.init(jax.random.key(2), x)
+
+    @jax.jit
+    def step(params, x, g):
+        def loss(params, x):
+            y, upd = bn.apply({**v, "params": params}, x, mutable=["batch_stats"])
+            return jnp.vdot(y, g), upd["batch_stats"]
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+
+    data = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+    out = {}
+    for n, (xs, gs) in (("1", (x, g)), ("4", (jax.device_put(x, data), jax.device_put(g, data)))):
+        grads, stats = step(v["params"], xs, gs)
+        out[n] = jax.tree_util.tree_map(lambda a: np.asarray(a).tolist(), (grads, stats))
+    out["batch"] = [np.asarray(x.mean((0, 1, 2))).tolist(), np.asarray(x.var((0, 1, 2))).tolist()]
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_batch_norm2d_statistics_are_the_global_batchs_when_sharded(cache_dir):
+    """ResNet's and DenseNet's BatchNorm (its CPU backward pass written out) on a batch split
+    over 4 devices: statistics of the whole batch (SyncBatchNorm), and the same gradients and
+    statistics as on one device."""
+    env = _env(cache_dir, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    r = subprocess.run([sys.executable, "-c", BATCH_NORM2D_SHARDED], capture_output=True,
+                       text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.split("RESULT", 1)[1])
+    _assert_close(out["4"], out["1"])
+    mean, var = (np.asarray(a) for a in out["batch"])
+    stats = out["4"][1]
+    np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * var, rtol=1e-5, atol=1e-6)
 
 
 def _launch(cache_dir, workdir, pid, port, *args):
