@@ -187,7 +187,8 @@ def build(name, batch, side, config, k_scan):
     }
     for v in extra:
         patches.update(variants[v])
-    def target(key):  # "name": an attribute of flaxcnn.ops; "layers.name": of models.layers
+    def target(key):  # "name": an attribute of flaxcnn.ops; "layers.name" (also "resnet.",
+        # "densenet."): of that flaxcnn.models module
         module, _, name = key.rpartition(".")
         return {"": ops, "layers": layers, "resnet": resnet, "densenet": densenet}[module], name
 
@@ -195,10 +196,10 @@ def build(name, batch, side, config, k_scan):
     for k, f in patches.items():
         setattr(*target(k), f)
     try:
-        t = time.perf_counter()
         if any(k.endswith("batch_norm_layer") for k in patches):  # other variable names
             state = training.create_train_state(model, jax.random.key(0), side,
                                                 training.sgd(recipes.get(name).lr))
+        t = time.perf_counter()
         compiled = fn.lower(state, *args).compile(opts)
         compile_s = time.perf_counter() - t
     finally:

@@ -473,7 +473,8 @@ def _batch_norm_bwd(epsilon, res, cts):
     # as one multiply-add per element with per-channel coefficients
     a = 2.0 * dvar / m - k * rstd * rstd * sum_dy_xc / m
     b = dmean / m - k * sum_dy / m
-    return k * dy + a * xc + b, sum_dy_xc * rstd, sum_dy
+    dx = k * dy + a * xc + b
+    return dx.astype(x.dtype), (sum_dy_xc * rstd).astype(scale.dtype), sum_dy.astype(scale.dtype)
 
 
 batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)

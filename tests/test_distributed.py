@@ -162,8 +162,9 @@ BATCH_NORM2D_SHARDED = textwrap.dedent("""
 
 
 def test_batch_norm2d_statistics_are_the_global_batchs_when_sharded(cache_dir):
-    """ResNet's and DenseNet's BatchNorm (its CPU backward pass written out) on a batch split
-    over 4 devices: statistics of the whole batch (SyncBatchNorm), and the same gradients and
+    """ResNet's and DenseNet's BatchNorm (its CPU backward pass written out) compiles and runs
+    on a batch split over 4 devices, with the whole batch's statistics (as jitted array code
+    computes them on a sharded batch: PyTorch's SyncBatchNorm) and the same gradients and
     statistics as on one device."""
     env = _env(cache_dir, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     r = subprocess.run([sys.executable, "-c", BATCH_NORM2D_SHARDED], capture_output=True,

@@ -427,7 +427,8 @@ def test_scratch_batch_norm_matches_linen(shape):
 def test_batch_norm2d_is_linen_batch_norm(shape):
     """`models.BatchNorm2d` (ResNet's and DenseNet's) is `flax.linen.BatchNorm` with PyTorch's
     settings: the same variables, outputs, running statistics over three steps and gradients
-    (its CPU backward pass is written out), in both modes; `dtype` sets only the output's."""
+    (its CPU backward pass is written out), in both modes; on bfloat16 input both compute in
+    float32 and `dtype` sets the output's."""
     c = shape[-1]
     ours = models.BatchNorm2d()
     linen = nn.BatchNorm(momentum=0.9, epsilon=1e-5, use_fast_variance=False)
@@ -462,9 +463,16 @@ def test_batch_norm2d_is_linen_batch_norm(shape):
     evaluate = models.BatchNorm2d(use_running_average=True)
     assert rel_err(evaluate.apply(vo, xs[0]),
                    linen.apply(vl, xs[0], use_running_average=True)) < 1e-6
-    half = models.BatchNorm2d(dtype=jnp.bfloat16).apply(vo, xs[0].astype(jnp.bfloat16),
-                                                         mutable=["batch_stats"])
-    assert half[0].dtype == jnp.bfloat16 and half[1]["batch_stats"]["var"].dtype == jnp.float32
+    x16 = xs[0].astype(jnp.bfloat16)  # float32 arithmetic on bfloat16 input, as Flax's
+    for dtype in (jnp.bfloat16, None):
+        yo, so = models.BatchNorm2d(dtype=dtype).apply(vo, x16, mutable=["batch_stats"])
+        yl, sl = nn.BatchNorm(momentum=0.9, epsilon=1e-5, use_fast_variance=False,
+                              dtype=dtype).apply(vl, x16, use_running_average=False,
+                                                 mutable=["batch_stats"])
+        assert yo.dtype == yl.dtype == (dtype or jnp.float32)
+        assert rel_err(yo, yl) < 1e-6
+        assert so["batch_stats"]["var"].dtype == jnp.float32
+        assert rel_err(so["batch_stats"]["var"], sl["batch_stats"]["var"]) < 1e-6
 
 
 def test_lenet_scratch_and_builtin_agree():
