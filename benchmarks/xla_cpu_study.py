@@ -135,8 +135,6 @@ def build(name, batch, side, config, k_scan):
 
     opts, custom_pool, kind, *extra = CONFIGS[config]
     model = models.create(name)
-    state = training.create_train_state(model, jax.random.key(0), side,
-                                        training.sgd(recipes.get(name).lr))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.random((batch, side, side, 1), np.float32))
     y = jnp.asarray(rng.integers(0, 10, batch).astype(np.int32))
@@ -195,10 +193,9 @@ def build(name, batch, side, config, k_scan):
     saved = {k: getattr(*target(k)) for k in patches}
     for k, f in patches.items():
         setattr(*target(k), f)
-    try:
-        if any(k.endswith("batch_norm_layer") for k in patches):  # other variable names
-            state = training.create_train_state(model, jax.random.key(0), side,
-                                                training.sgd(recipes.get(name).lr))
+    try:  # the state too is made under the patches (flaxbn names its variables otherwise)
+        state = training.create_train_state(model, jax.random.key(0), side,
+                                            training.sgd(recipes.get(name).lr))
         t = time.perf_counter()
         compiled = fn.lower(state, *args).compile(opts)
         compile_s = time.perf_counter() - t

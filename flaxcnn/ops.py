@@ -434,30 +434,35 @@ def _batch_norm_stats(x):
     return mean, jnp.mean(jnp.square(x - mean), axes)
 
 
+def normalize(x, mean, var, scale, bias, epsilon):
+    """(x - mean) * (rsqrt(var + epsilon) * scale) + bias, per channel (last axis):
+    `flax.linen.BatchNorm`'s operations in its order, with batch or running statistics."""
+    return (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias
+
+
 def batch_norm_autodiff(x, scale, bias, epsilon):
-    """Training-mode batch normalisation over every axis but the last: (y, mean, var), with
-    y = (x - mean) * (rsqrt(var + epsilon) * scale) + bias, `flax.linen.BatchNorm`'s operations
-    in its order. Differentiated by JAX (what `batch_norm` replaces on a CPU)."""
+    """Training-mode batch normalisation over every axis but the last: (`normalize` on the
+    batch's statistics, mean, var). Differentiated by JAX (what `batch_norm` replaces on a
+    CPU)."""
     mean, var = _batch_norm_stats(x)
-    return (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias, mean, var
+    return normalize(x, mean, var, scale, bias, epsilon), mean, var
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def batch_norm(x, scale, bias, epsilon):
-    """`batch_norm_autodiff` with its backward pass written out: two reads of x and of the
-    incoming gradient (one for the two per-channel sums, one for dx), where autodiff of the
-    two-pass statistics gives XLA:CPU eight reductions. Alone, forward and backward: about 2x
-    faster on DenseNet's layers; in the step, where XLA fuses much of autodiff's extra work
-    into neighbouring passes, DenseNet trains 1.03-1.04x faster and ResNet-18 the same
-    (benchmarks/xla_cpu_study.md). Float32 sums in another order: gradients within 2e-6
-    (relative) of autodiff's."""
+    """`batch_norm_autodiff` with its backward pass written out: two reads of x and of the incoming
+    gradient (one for the two per-channel sums, one for dx), where autodiff of the two-pass
+    statistics exports eight reductions (XLA:CPU's compiled program keeps four). Alone, forward
+    and backward: about 2x faster on DenseNet's layers; in the step, where XLA fuses much of
+    autodiff's extra work into neighbouring passes, DenseNet trains 1.03-1.04x faster and
+    ResNet-18 the same (benchmarks/xla_cpu_study.md). Float32 sums in another order: gradients
+    within 2e-6 (relative) of autodiff's."""
     return batch_norm_autodiff(x, scale, bias, epsilon)
 
 
 def _batch_norm_fwd(x, scale, bias, epsilon):
-    mean, var = _batch_norm_stats(x)
-    rstd = lax.rsqrt(var + epsilon)
-    return ((x - mean) * (rstd * scale) + bias, mean, var), (x, mean, rstd, scale)
+    y, mean, var = batch_norm_autodiff(x, scale, bias, epsilon)
+    return (y, mean, var), (x, mean, lax.rsqrt(var + epsilon), scale)
 
 
 def _batch_norm_bwd(epsilon, res, cts):

@@ -254,19 +254,25 @@ def test_conv_1x1_matches_xla_convolution(shape, o):
     np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-4)
 
 
+def exported_counts(fn, args, op):
+    """How often `op` occurs in fn's exported program for each of cpu, cuda and tpu (the
+    CPU-only paths are chosen by `platform_dependent` when a program is lowered)."""
+    from jax import export
+
+    return {p: export.export(fn, platforms=[p])(*args).mlir_module().count(op)
+            for p in ("cpu", "cuda", "tpu")}
+
+
 def test_nin_1x1_kernel_gradients_only_on_cpu():
     """NiN's 1x1 layers on 54x54 and 26x26 maps (4 of its 8): on a CPU their kernel gradients
     are matrix products, elsewhere convolutions; smaller maps keep XLA's on every platform."""
-    from jax import export
-
     from flaxcnn import models
 
     model = models.create("nin", dropout_rate=0.0)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 1)), train=False)
     grad = jax.jit(jax.grad(lambda p, x: model.apply({"params": p}, x, train=True).sum()))
     x = jnp.zeros((1, 224, 224, 1))
-    convs = {p: export.export(grad, platforms=[p])(variables["params"], x).mlir_module().count(
-        "stablehlo.convolution") for p in ("cpu", "cuda", "tpu")}
+    convs = exported_counts(grad, (variables["params"], x), "stablehlo.convolution")
     # 12 layers: forward, input gradient (not the first layer's), kernel gradient each
     assert convs == {"cpu": 12 + 11 + 12 - 4, "cuda": 35, "tpu": 35}
 
@@ -286,8 +292,6 @@ def test_googlenet_convolutions_keep_their_operands_on_cpu():
 def test_few_channel_input_gradient_only_on_cpu():
     """LeNet's gradient on a CPU: no convolution for the first layer's forward pass
     (conv_one_channel) nor for the second layer's input gradient (conv_few_channels)."""
-    from jax import export
-
     from flaxcnn import models
 
     model = models.create("lenet_bn")
@@ -299,8 +303,7 @@ def test_few_channel_input_gradient_only_on_cpu():
 
     grad = jax.jit(jax.grad(loss))
     x = jnp.zeros((2, 28, 28, 1))
-    convs = {p: export.export(grad, platforms=[p])(variables["params"], x).mlir_module().count(
-        "stablehlo.convolution") for p in ("cpu", "cuda", "tpu")}
+    convs = exported_counts(grad, (variables["params"], x), "stablehlo.convolution")
     # cpu: the kernel gradients of both layers and the second's forward pass; elsewhere also
     # the first's forward pass and the second's input gradient.
     assert convs == {"cpu": 3, "cuda": 5, "tpu": 5}
@@ -308,16 +311,13 @@ def test_few_channel_input_gradient_only_on_cpu():
 
 def test_one_channel_convolution_only_on_cpu():
     """LeNet's first layer is k*k multiply-adds on a CPU; a GPU or TPU keeps its convolution."""
-    from jax import export
-
     from flaxcnn import models
 
     model = models.create("lenet_bn")
     variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
     x = jnp.zeros((2, 28, 28, 1))
-    convs = {p: export.export(apply, platforms=[p])(variables, x).mlir_module().count(
-        "stablehlo.convolution") for p in ("cpu", "cuda", "tpu")}
+    convs = exported_counts(apply, (variables, x), "stablehlo.convolution")
     assert convs == {"cpu": 1, "cuda": 2, "tpu": 2}
 
 
@@ -347,8 +347,6 @@ def test_batch_norm_vjp_matches_autodiff(shape):
 def test_batch_norm_backward_only_on_cpu():
     """`models.BatchNorm2d` differentiates through `ops.batch_norm` on a CPU (two reductions
     forward, two backward); a GPU or TPU program differentiates the operations themselves."""
-    from jax import export
-
     from flaxcnn import models
 
     bn = models.BatchNorm2d()
@@ -360,6 +358,5 @@ def test_batch_norm_backward_only_on_cpu():
         return jnp.sum(jnp.sin(y)), upd
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
-    reductions = {p: export.export(grad, platforms=[p])(variables["params"], x).mlir_module()
-                  .count("stablehlo.reduce") for p in ("cpu", "cuda", "tpu")}
+    reductions = exported_counts(grad, (variables["params"], x), "stablehlo.reduce")
     assert reductions == {"cpu": 4, "cuda": 10, "tpu": 10}

@@ -108,10 +108,10 @@ class BatchNorm2d(nn.Module):
         ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        dtype = self.dtype or jnp.result_type(x, jnp.float32)
         x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        dtype = self.dtype or x.dtype
         if self.use_running_average:
-            y = (x - ra_mean.value) * (jax.lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
+            y = ops.normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
             return y.astype(dtype)
         y, mean, var = jax.lax.platform_dependent(
             x, scale, bias, cpu=partial(ops.batch_norm, epsilon=self.epsilon),
