@@ -358,10 +358,10 @@ def main(argv=None):
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--dry", action="store_true", help="only rewrite the table from the JSON")
     p.add_argument("--project-xla-defaults", action="store_true",
-                   help="keep flaxcnn's XLA:CPU defaults (YNNPACK fusions off; tuned for the "
-                        "networks' convolutions). Without it they are opted out of "
-                        "(FLAXCNN_NO_XLA_DEFAULTS=1): the SVM's kernel products run faster with "
-                        "XLA's own defaults")
+                   help="keep flaxcnn's XLA:CPU defaults (YNNPACK for dots and reductions, not "
+                        "convolutions; tuned for the networks). Without it they are opted out of "
+                        "(FLAXCNN_NO_XLA_DEFAULTS=1) and XLA's own defaults apply; the SVM has "
+                        "no convolutions, so both compile the same programs")
     args = p.parse_args(argv)
     if not args.project_xla_defaults:
         os.environ.setdefault("FLAXCNN_NO_XLA_DEFAULTS", "1")

@@ -48,7 +48,8 @@ terms of +-5,000 cancel), and the solver resumes from it while that violation ex
 (up to 3 times); and on 8-bit images (values k/255, as Fashion-MNIST) the RBF kernel is
 computed from the integers k - 128, whose dot products float32 gets exactly, removing the
 cancellation error of ``|x|^2 + |x'|^2 - 2 x . x'`` (1e-5 of a kernel value otherwise, 4e-7
-so).
+so). Those integers are kept in bfloat16, which holds them exactly: the products are the same
+to the bit, and XLA:CPU's YNNPACK computes them twice as fast as float32 ones (`_dot`).
 
 Binary problems run side by side on `n_jobs` threads (default: one per core), which keeps both
 cores busy while one problem is in its sequential inner loop.
@@ -114,9 +115,18 @@ class ConvergenceWarning(UserWarning):
 # --------------------------------------------------------------------------------------------
 
 
-def _kernel_block(xa, xb, sqa, sqb, gamma, coef0, *, kernel: str, degree: int):
-    """K(xa, xb) as a [len(xa), len(xb)] float32 block: one matrix product plus elementwise."""
-    dot = jnp.dot(xa, xb.T, precision=lax.Precision.HIGHEST)
+def _dot(a, bt):
+    """a @ bt in float32. bt is the second operand transposed ([d, nb]): YNNPACK's bfloat16
+    matrix products are fast in this layout only. bfloat16 operands (integer points, see
+    `_integer_grid`) have exact products, summed in float32 as the float32 ones are."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jnp.dot(a, bt, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _kernel_block(xa, xbt, sqa, sqb, gamma, coef0, *, kernel: str, degree: int):
+    """K(xa, xb) as a [len(xa), len(xb)] float32 block: one matrix product plus elementwise.
+    xbt: xb transposed ([d, len(xb)])."""
+    dot = _dot(xa, xbt)
     if kernel == "linear":
         return dot
     if kernel == "poly":
@@ -135,7 +145,7 @@ def kernel_matrix(xa, xb, kernel="rbf", gamma=1.0, coef0=0.0, degree=3):
     xa = jnp.asarray(xa, jnp.float32)
     xb = jnp.asarray(xb, jnp.float32)
     return _kernel_block(
-        xa, xb, jnp.sum(xa * xa, 1), jnp.sum(xb * xb, 1), jnp.float32(gamma), jnp.float32(coef0),
+        xa, xb.T, jnp.sum(xa * xa, 1), jnp.sum(xb * xb, 1), jnp.float32(gamma), jnp.float32(coef0),
         kernel=kernel, degree=int(degree),
     )
 
@@ -226,8 +236,8 @@ def _inner_smo(kbb, alpha, f, y, c, valid, tol, max_inner):
     return alpha, it
 
 
-def _fetch(cache, slot_of, owner, stamp, it, pts, want, x, sq, gamma, coef0, *, kernel, degree,
-           chunk):
+def _fetch(cache, slot_of, owner, stamp, it, pts, want, x, xt, sq, gamma, coef0, *, kernel,
+           degree, chunk):
     """Make the kernel rows of the points pts[want] resident in the cache.
 
     cache: [rows, n]; slot_of: [n] the cache slot of each point (-1: none); owner, stamp: [rows]
@@ -235,7 +245,7 @@ def _fetch(cache, slot_of, owner, stamp, it, pts, want, x, sq, gamma, coef0, *, 
     point i is i, and rows are never evicted). Missing rows are computed `chunk` at a time (the
     last few `_TAIL` at a time), each chunk one [chunk, d] x [d, n] matrix product plus
     elementwise work. Returns the cache state, the slot of each wanted point (0 for the others)
-    and the number of rows computed."""
+    and the number of rows computed. x: the points [n, d]; xt: the same transposed."""
     rows, n = cache.shape
     full = rows >= n
     k = pts.shape[0]
@@ -264,7 +274,7 @@ def _fetch(cache, slot_of, owner, stamp, it, pts, want, x, sq, gamma, coef0, *, 
         p_b = lax.dynamic_slice(todo_pts, (start,), (size,))
         v_b = lax.dynamic_slice(victims, (start,), (size,))
         v_w = jnp.where(active, v_b, rows)
-        block = _kernel_block(x[p_b], x, sq[p_b], sq, gamma, coef0, kernel=kernel, degree=degree)
+        block = _kernel_block(x[p_b], xt, sq[p_b], sq, gamma, coef0, kernel=kernel, degree=degree)
         cache = cache.at[v_w].set(block, mode="drop")
         if not full:
             old = owner.at[v_w].get(mode="fill", fill_value=-1)
@@ -332,7 +342,7 @@ def _new_block(cache, slot_of, pts, valid, x, sq, kern):
         b, k = s
         r = lax.dynamic_slice(rows, (b,), (_BLOCK,))
         p = new[jnp.minimum(r, h - 1)]
-        blk = kern(x[p], xs, sq[p], sqs)
+        blk = kern(x[p], xs.T, sq[p], sqs)
         return b + _BLOCK, k.at[r].set(blk, mode="drop")
 
     _, k = lax.while_loop(lambda s: s[0] < n_todo, body, (jnp.int32(0), k))
@@ -362,13 +372,15 @@ def _init_state(cache, y, p, q):
     compiler_options=_COMPILER_OPTIONS,
 )
 def _solve(
-    state, x_all, sq_all, points, pidx, y, c, gamma, coef0, tol, max_outer, *, kernel, degree,
-    max_inner, chunk,
+    state, f, x_all, sq_all, points, pidx, y, c, gamma, coef0, tol, max_outer, *, kernel,
+    degree, max_inner, chunk,
 ):
-    """Outer steps until the maximal KKT violation (from the state's f) is below tol.
+    """Outer steps until the maximal KKT violation (from f) is below tol.
 
-    Works on the points x_all[points] ([n, d]; sq_all: squared norms). pidx: [m] the point
-    (0..n-1) of each variable; y, c: [m] sign and upper bound (c = 0 marks padding).
+    f: [m] -y G to start from (it replaces the state's: a restart from a float64 gradient costs
+    no second compiled program). Works on the points x_all[points] ([n, d]; sq_all: squared
+    norms). pidx: [m] the point (0..n-1) of each variable; y, c: [m] sign and upper bound
+    (c = 0 marks padding).
 
     Each outer step: keep the newer half of the working set, add the q/2 most violating
     variables not in it (as ThunderSVM), compute the kernel between the new ones and the
@@ -377,10 +389,12 @@ def _solve(
     when they are not cached yet. Variables that enter the working set but do not move never
     cost a full row. The state (with its cache) is donated and returned."""
     x, sq = x_all[points], sq_all[points]
+    xt = x.T  # once per call: the kernel rows' products read it in this layout (`_dot`)
     m = y.shape[0]
     q = state[WS].shape[0]
     h = q // 2
     kern = partial(_kernel_block, gamma=gamma, coef0=coef0, kernel=kernel, degree=degree)
+    state = (*state[:F], f, *state[F + 1 : GAP], _violation(f, state[ALPHA], y, c))
 
     def cond(s):
         return (s[GAP] > tol) & (s[IT] < max_outer)
@@ -408,8 +422,8 @@ def _solve(
         n_changed = jnp.sum(changed.astype(jnp.int32))
         order = jnp.argsort(~changed, stable=True)
         cache, slot_of, owner, stamp, slots, n_new = _fetch(
-            cache, slot_of, owner, stamp, it, pts[order], changed[order], x, sq, gamma, coef0,
-            kernel=kernel, degree=degree, chunk=chunk,
+            cache, slot_of, owner, stamp, it, pts[order], changed[order], x, xt, sq, gamma,
+            coef0, kernel=kernel, degree=degree, chunk=chunk,
         )
         v = _gradient_change(cache, slots, (y[ws] * delta)[order], n_changed)
         f = f - v[pidx]
@@ -431,20 +445,11 @@ def _rows(state, x_all, sq_all, points, pts, want, gamma, coef0, *, kernel, degr
     x, sq = x_all[points], sq_all[points]
     s = list(state)
     s[CACHE], s[SLOT_OF], s[OWNER], s[STAMP], slots, n_new = _fetch(
-        s[CACHE], s[SLOT_OF], s[OWNER], s[STAMP], s[IT], pts, want, x, sq, gamma, coef0,
+        s[CACHE], s[SLOT_OF], s[OWNER], s[STAMP], s[IT], pts, want, x, x.T, sq, gamma, coef0,
         kernel=kernel, degree=degree, chunk=chunk,
     )
     s[N_ROWS] = s[N_ROWS] + n_new
     return tuple(s), jnp.where(want[:, None], s[CACHE][slots], 0.0)
-
-
-@partial(jax.jit, donate_argnums=(0,), compiler_options=_COMPILER_OPTIONS)
-def _set_gradient(state, f, y, c):
-    """Replace the state's f (and its violation)."""
-    s = list(state)
-    s[F] = f
-    s[GAP] = _violation(f, s[ALPHA], y, c)
-    return tuple(s)
 
 
 def _bucket(n: int, minimum: int = 64) -> int:
@@ -474,9 +479,10 @@ class _Problem:
         x_host, x_all, sq_all, points, y, p, c, pidx, *, kernel, gamma, coef0, degree, tol,
         max_iter, q, max_inner, cache_size, chunk, workspace=None, pad_to=0,
     ):
-        """x_host: all points (float32, host); x_all, sq_all: the same and their squared norms
-        on the device; points: [n] the problem's points among them; y, p, c: [m] float64;
-        pidx: [m] int, the point (0..n-1) of each variable.
+        """x_host: all points (float32, host); x_all, sq_all: the same (float32, or bfloat16
+        for integer points) and their float32 squared norms on the device; points: [n] the
+        problem's points among them; y, p, c: [m] float64; pidx: [m] int, the point (0..n-1)
+        of each variable.
 
         workspace: a dict holding the kernel-row buffer between calls (reused when the next
         problem has the same shape), or None. pad_to: pad to the size of a problem this large
@@ -511,10 +517,11 @@ class _Problem:
         yj, cj = jnp.asarray(yp), jnp.asarray(cp)
         state = _init_state(cache, yj, jnp.asarray(pp), q=qq)
         limit = jnp.int32(max_iter if max_iter > 0 else np.iinfo(np.int32).max)
+        f = -yp * pp  # -y G at alpha = 0
         for r in range(_REFRESHES + 1):
             state = _solve(
-                state, pidx=jnp.asarray(pid), y=yj, c=cj, tol=jnp.float32(tol), max_outer=limit,
-                max_inner=int(max_inner), chunk=chunk, **dev,
+                state, jnp.asarray(f), pidx=jnp.asarray(pid), y=yj, c=cj, tol=jnp.float32(tol),
+                max_outer=limit, max_inner=int(max_inner), chunk=chunk, **dev,
             )
             alpha = np.asarray(state[ALPHA], np.float64)[:m]
             # the gradient again from alpha, summed in float64 (the solver's float32 one drifts
@@ -526,10 +533,8 @@ class _Problem:
             gap = _violation64(alpha, grad, y, c)
             if gap <= tol or int(state[IT]) >= max_iter > 0 or r == _REFRESHES:
                 break
-            f = np.zeros(m_pad, np.float32)
+            f = f.copy()  # the padding keeps its value
             f[:m] = -y * grad
-            f[m:] = -yp[m:] * pp[m:]
-            state = _set_gradient(state, jnp.asarray(f), yj, cj)
         if workspace is not None:
             workspace.clear()  # keep one buffer at most
             workspace[(rows, n_pad)] = state[CACHE]
@@ -688,10 +693,27 @@ def _variance(x, block=8192) -> float:
     return ss / n
 
 
-def _to_device(x32):
-    """The points and their squared norms as device arrays."""
-    xd = jnp.asarray(x32)
-    return xd, jnp.sum(xd * xd, axis=1)
+def _to_device(x32, dtype=jnp.float32):
+    """The points (as dtype) and their squared norms (summed in float64, stored in float32) as
+    device arrays. Computed on the host: eager device operations would each compile a program
+    (~0.1 s of a cold fit)."""
+    sq = np.einsum("ij,ij->i", x32, x32, dtype=np.float64).astype(np.float32)
+    return jnp.asarray(x32.astype(dtype, copy=False)), jnp.asarray(sq)
+
+
+def _grid_dtype():
+    """The dtype of integer points (`_integer_grid`) on the device: bfloat16, which holds them
+    exactly and which the products of `_dot` read twice as fast as float32 with YNNPACK (see
+    README), unless XLA:CPU's flags leave YNNPACK out of matrix products (XLA's own bfloat16
+    products are ~3x slower than its float32 ones)."""
+    if jax.default_backend() != "cpu":
+        return jnp.bfloat16
+    flags = os.environ.get("XLA_FLAGS", "")
+    for token in flags.split():
+        name, _, value = token.lstrip("-").partition("=")
+        if name == "xla_cpu_experimental_ynn_fusion_type" and "DOT" not in value:
+            return jnp.float32
+    return jnp.bfloat16
 
 
 def _integer_grid(x):
@@ -915,32 +937,39 @@ class _BaseSVM:
             return (x32, *_to_device(x32)), opts
         scale = self._grid[0]
         k = _on_grid(x32, self._grid)
-        return (k, *_to_device(k)), {**opts, "gamma": opts["gamma"] / scale**2}
+        return (k, *_to_device(k, _grid_dtype())), {**opts, "gamma": opts["gamma"] / scale**2}
 
     def _decision_raw(self, x):
         """sum_s coef_s K(sv_s, x) - rho for each column of the internal coefficient matrix."""
         self._check_fitted()
         x = _check_x(x, "X", self.shape_fit_[1])
-        sv, gamma = self.support_vectors_, self._gamma
+        sv, gamma, dtype = self.support_vectors_, self._gamma, jnp.float32
         if self._grid is not None:  # the training data's integer grid, if x lies on it too
             k = _on_grid(x, self._grid)
             if k is not None:
                 x, sv = k, _on_grid(sv, self._grid)
-                gamma = gamma / self._grid[0] ** 2
+                gamma, dtype = gamma / self._grid[0] ** 2, _grid_dtype()
         return _decision(
             x, sv, self._coef_matrix, self._rho, kernel=self.kernel, gamma=gamma,
-            coef0=float(self.coef0), degree=int(self.degree),
+            coef0=float(self.coef0), degree=int(self.degree), dtype=dtype,
         )
 
 
-@partial(jax.jit, static_argnames=("kernel", "degree"), compiler_options=_COMPILER_OPTIONS)
-def _decision_chunk(z, sv, sq_sv, coef, gamma, coef0, *, kernel, degree):
-    k = _kernel_block(z, sv, jnp.sum(z * z, 1), sq_sv, gamma, coef0, kernel=kernel, degree=degree)
+@partial(
+    jax.jit, static_argnames=("kernel", "degree", "dtype"), compiler_options=_COMPILER_OPTIONS
+)
+def _decision_chunk(z, sv_t, sq_sv, coef, gamma, coef0, *, kernel, degree, dtype):
+    """z: float32 points; sv_t: the support vectors transposed, as dtype (see `_dot`)."""
+    k = _kernel_block(
+        z.astype(dtype), sv_t, jnp.sum(z * z, 1), sq_sv, gamma, coef0, kernel=kernel,
+        degree=degree,
+    )
     return jnp.dot(k, coef, precision=lax.Precision.HIGHEST)
 
 
-def _decision(x, sv, coef, rho, *, kernel, gamma, coef0, degree, chunk=1024):
-    """[n, k] decision values: K(x, sv) @ coef - rho, computed in row chunks of one shape."""
+def _decision(x, sv, coef, rho, *, kernel, gamma, coef0, degree, chunk=1024, dtype=jnp.float32):
+    """[n, k] decision values: K(x, sv) @ coef - rho, computed in row chunks of one shape.
+    dtype: the points' dtype in the matrix products (bfloat16 only for integers it holds)."""
     n_sv = sv.shape[0]
     s_pad = _bucket(max(n_sv, 1))
     svp = np.zeros((s_pad, sv.shape[1]), np.float32)
@@ -949,6 +978,7 @@ def _decision(x, sv, coef, rho, *, kernel, gamma, coef0, degree, chunk=1024):
     cp[:n_sv] = coef
     svj, cj = jnp.asarray(svp), jnp.asarray(cp)
     sq = jnp.sum(svj * svj, 1)
+    svt = svj.T.astype(dtype)
     n = x.shape[0]
     chunk = min(chunk, _bucket(n, 8))
     out = []
@@ -957,8 +987,8 @@ def _decision(x, sv, coef, rho, *, kernel, gamma, coef0, degree, chunk=1024):
         part = x[start : start + chunk]
         z[: len(part)] = part
         d = _decision_chunk(
-            jnp.asarray(z), svj, sq, cj, jnp.float32(gamma), jnp.float32(coef0),
-            kernel=kernel, degree=degree,
+            jnp.asarray(z), svt, sq, cj, jnp.float32(gamma), jnp.float32(coef0),
+            kernel=kernel, degree=degree, dtype=dtype,
         )
         out.append(np.asarray(d, np.float64)[: len(part)])
     return np.concatenate(out) - np.asarray(rho, np.float64)[None, :]

@@ -18,6 +18,8 @@ import gzip
 import os
 import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn import svm as sk
@@ -469,6 +471,50 @@ def test_integer_grid_kernel_is_exact(fashion_pair):
     assert np.abs(from_grid - exact).max() <= 1e-6
     assert svm._on_grid(x + 0.3 / 255, grid) is None  # off the grid
     assert svm._integer_grid(x.astype(np.float32) * 0.9) is None
+
+
+def test_grid_points_in_bfloat16_give_the_float32_kernel_bit_for_bit():
+    """Integers |k| <= 128 are exact in bfloat16, their products exact in float32, and 784 of
+    them sum below 2**24: the bfloat16 products (`_dot`) equal the float32 ones exactly."""
+    k = np.random.default_rng(0).integers(-128, 129, (200, 784)).astype(np.float32)
+    k[0] = 128  # the extremes: the largest norm and dot product
+    k[1] = -128
+    sq = jnp.sum(jnp.asarray(k) ** 2, 1)
+    f32 = svm._kernel_block(
+        jnp.asarray(k), jnp.asarray(k).T, sq, sq, 1e-6, 0.0, kernel="rbf", degree=3
+    )
+    kb = jnp.asarray(k, jnp.bfloat16)
+    bf16 = svm._kernel_block(kb, kb.T, sq, sq, 1e-6, 0.0, kernel="rbf", degree=3)
+    assert bf16.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(bf16), np.asarray(f32))
+    dot = svm._dot(kb[:2], kb[:2].T)
+    assert float(dot[0, 1]) == -784 * 128**2
+
+
+def test_fit_on_the_grid_is_the_same_in_bfloat16_and_float32(fashion_pair, monkeypatch):
+    """The whole fit, solver trajectory included, is identical with either storage dtype."""
+    x, y = fashion_pair
+    a = svm.SVC(C=10).fit(x, y)
+    monkeypatch.setattr(svm, "_grid_dtype", lambda: jnp.float32)
+    b = svm.SVC(C=10).fit(x, y)
+    assert svm._grid_dtype() == jnp.float32
+    np.testing.assert_array_equal(a.dual_coef_, b.dual_coef_)
+    np.testing.assert_array_equal(a.n_iter_, b.n_iter_)
+    np.testing.assert_array_equal(a.decision_function(x), b.decision_function(x))
+
+
+def test_grid_dtype_follows_the_xla_flags(monkeypatch):
+    """bfloat16 only where XLA:CPU's matrix products go through YNNPACK (fast in bfloat16)."""
+    if jax.default_backend() != "cpu":
+        assert svm._grid_dtype() == jnp.bfloat16
+        return
+    flag = "--xla_cpu_experimental_ynn_fusion_type"
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert svm._grid_dtype() == jnp.bfloat16
+    monkeypatch.setenv("XLA_FLAGS", f"{flag}=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
+    assert svm._grid_dtype() == jnp.bfloat16
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_cpu_use_thunk_runtime=true {flag}=")
+    assert svm._grid_dtype() == jnp.float32
 
 
 def test_predict_off_the_grid(fashion_pair):
