@@ -2,7 +2,7 @@
 
 A second `python train.py` with the same model, shapes and flags loads its compiled programs
 from disk instead of compiling them again (LeNet-BN's step: 2.0 s to compile, 0.4 s to load; the
-SVM's solver: about 1.5 s). The programs are the same, so the results are bit-identical.
+SVM's solver: about 0.9 s). The programs are the same, so the results are bit-identical.
 
 `train.py` enables it unless `--compilation-cache off`; library code leaves JAX's setting alone
 unless it calls `enable`. Where it goes, the first of:
