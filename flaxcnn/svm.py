@@ -976,9 +976,10 @@ def _decision(x, sv, coef, rho, *, kernel, gamma, coef0, degree, chunk=1024, dty
     svp[:n_sv] = sv
     cp = np.zeros((s_pad, coef.shape[1]), np.float32)
     cp[:n_sv] = coef
-    svj, cj = jnp.asarray(svp), jnp.asarray(cp)
-    sq = jnp.sum(svj * svj, 1)
-    svt = svj.T.astype(dtype)
+    cj = jnp.asarray(cp)
+    # on the host, as `_to_device` (no eager programs to compile)
+    sq = jnp.asarray(np.einsum("ij,ij->i", svp, svp, dtype=np.float64).astype(np.float32))
+    svt = jnp.asarray(np.ascontiguousarray(svp.T).astype(dtype))
     n = x.shape[0]
     chunk = min(chunk, _bucket(n, 8))
     out = []
