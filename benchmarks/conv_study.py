@@ -8,8 +8,8 @@ Winograd's F(2x2, 3x3) (`winograd_3x3`).
 The evidence behind flaxcnn's convolution choices (benchmarks/xla_cpu_study.md): im2col loses
 to XLA's convolution at every shape here; k*k multiply-adds win for small one-channel kernels;
 the GEMM input gradient wins for LeNet's unpadded second layer only; an image smaller than the
-kernel needs the padded copy (XLA:CPU swaps image and kernel otherwise); Winograd loses but on
-mid-sized maps with many channels (its tile transforms are memory-bound).
+kernel needs the padded copy (XLA:CPU swaps image and kernel otherwise); Winograd loses
+forward+backward on every 3x3 layer here (its tile transforms are memory-bound).
 
     python benchmarks/conv_study.py                 # all shapes
     python benchmarks/conv_study.py resnet lenet    # shapes whose name contains a word

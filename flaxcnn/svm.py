@@ -49,7 +49,7 @@ terms of +-5,000 cancel), and the solver resumes from it while that violation ex
 computed from the integers k - 128, whose dot products float32 gets exactly, removing the
 cancellation error of ``|x|^2 + |x'|^2 - 2 x . x'`` (1e-5 of a kernel value otherwise, 4e-7
 so). Those integers are kept in bfloat16, which holds them exactly: the products are the same
-to the bit, and XLA:CPU's YNNPACK computes them twice as fast as float32 ones (`_dot`).
+to the bit, and XLA:CPU's YNNPACK computes them 1.3-1.9x as fast as float32 ones (`_dot`).
 
 Binary problems run side by side on `n_jobs` threads (default: one per core), which keeps both
 cores busy while one problem is in its sequential inner loop.
@@ -75,6 +75,7 @@ import gzip
 import math
 import numbers
 import os
+import shlex
 import threading
 import time
 import warnings
@@ -115,18 +116,20 @@ class ConvergenceWarning(UserWarning):
 # --------------------------------------------------------------------------------------------
 
 
-def _dot(a, bt):
-    """a @ bt in float32. bt is the second operand transposed ([d, nb]): YNNPACK's bfloat16
-    matrix products are fast in this layout only. bfloat16 operands (integer points, see
-    `_integer_grid`) have exact products, summed in float32 as the float32 ones are."""
+def _dot(a, b):
+    """a @ b.T in float32 ([na, d] x [nb, d] -> [na, nb]), contracting the last axes as they
+    lie: `jnp.dot(a, b.T)` on bfloat16 makes XLA:CPU transpose b at every call (2.8x slower).
+    bfloat16 operands (integer points, see `_integer_grid`) have exact products, summed in
+    float32 as the float32 ones are."""
     precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return jnp.dot(a, bt, precision=precision, preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
 
 
-def _kernel_block(xa, xbt, sqa, sqb, gamma, coef0, *, kernel: str, degree: int):
-    """K(xa, xb) as a [len(xa), len(xb)] float32 block: one matrix product plus elementwise.
-    xbt: xb transposed ([d, len(xb)])."""
-    dot = _dot(xa, xbt)
+def _kernel_block(xa, xb, sqa, sqb, gamma, coef0, *, kernel: str, degree: int):
+    """K(xa, xb) as a [len(xa), len(xb)] float32 block: one matrix product plus elementwise."""
+    dot = _dot(xa, xb)
     if kernel == "linear":
         return dot
     if kernel == "poly":
@@ -145,7 +148,7 @@ def kernel_matrix(xa, xb, kernel="rbf", gamma=1.0, coef0=0.0, degree=3):
     xa = jnp.asarray(xa, jnp.float32)
     xb = jnp.asarray(xb, jnp.float32)
     return _kernel_block(
-        xa, xb.T, jnp.sum(xa * xa, 1), jnp.sum(xb * xb, 1), jnp.float32(gamma), jnp.float32(coef0),
+        xa, xb, jnp.sum(xa * xa, 1), jnp.sum(xb * xb, 1), jnp.float32(gamma), jnp.float32(coef0),
         kernel=kernel, degree=int(degree),
     )
 
@@ -236,8 +239,8 @@ def _inner_smo(kbb, alpha, f, y, c, valid, tol, max_inner):
     return alpha, it
 
 
-def _fetch(cache, slot_of, owner, stamp, it, pts, want, x, xt, sq, gamma, coef0, *, kernel,
-           degree, chunk):
+def _fetch(cache, slot_of, owner, stamp, it, pts, want, x, sq, gamma, coef0, *, kernel, degree,
+           chunk):
     """Make the kernel rows of the points pts[want] resident in the cache.
 
     cache: [rows, n]; slot_of: [n] the cache slot of each point (-1: none); owner, stamp: [rows]
@@ -245,7 +248,7 @@ def _fetch(cache, slot_of, owner, stamp, it, pts, want, x, xt, sq, gamma, coef0,
     point i is i, and rows are never evicted). Missing rows are computed `chunk` at a time (the
     last few `_TAIL` at a time), each chunk one [chunk, d] x [d, n] matrix product plus
     elementwise work. Returns the cache state, the slot of each wanted point (0 for the others)
-    and the number of rows computed. x: the points [n, d]; xt: the same transposed."""
+    and the number of rows computed."""
     rows, n = cache.shape
     full = rows >= n
     k = pts.shape[0]
@@ -274,7 +277,7 @@ def _fetch(cache, slot_of, owner, stamp, it, pts, want, x, xt, sq, gamma, coef0,
         p_b = lax.dynamic_slice(todo_pts, (start,), (size,))
         v_b = lax.dynamic_slice(victims, (start,), (size,))
         v_w = jnp.where(active, v_b, rows)
-        block = _kernel_block(x[p_b], xt, sq[p_b], sq, gamma, coef0, kernel=kernel, degree=degree)
+        block = _kernel_block(x[p_b], x, sq[p_b], sq, gamma, coef0, kernel=kernel, degree=degree)
         cache = cache.at[v_w].set(block, mode="drop")
         if not full:
             old = owner.at[v_w].get(mode="fill", fill_value=-1)
@@ -342,7 +345,7 @@ def _new_block(cache, slot_of, pts, valid, x, sq, kern):
         b, k = s
         r = lax.dynamic_slice(rows, (b,), (_BLOCK,))
         p = new[jnp.minimum(r, h - 1)]
-        blk = kern(x[p], xs.T, sq[p], sqs)
+        blk = kern(x[p], xs, sq[p], sqs)
         return b + _BLOCK, k.at[r].set(blk, mode="drop")
 
     _, k = lax.while_loop(lambda s: s[0] < n_todo, body, (jnp.int32(0), k))
@@ -389,7 +392,6 @@ def _solve(
     when they are not cached yet. Variables that enter the working set but do not move never
     cost a full row. The state (with its cache) is donated and returned."""
     x, sq = x_all[points], sq_all[points]
-    xt = x.T  # once per call: the kernel rows' products read it in this layout (`_dot`)
     m = y.shape[0]
     q = state[WS].shape[0]
     h = q // 2
@@ -422,8 +424,8 @@ def _solve(
         n_changed = jnp.sum(changed.astype(jnp.int32))
         order = jnp.argsort(~changed, stable=True)
         cache, slot_of, owner, stamp, slots, n_new = _fetch(
-            cache, slot_of, owner, stamp, it, pts[order], changed[order], x, xt, sq, gamma,
-            coef0, kernel=kernel, degree=degree, chunk=chunk,
+            cache, slot_of, owner, stamp, it, pts[order], changed[order], x, sq, gamma, coef0,
+            kernel=kernel, degree=degree, chunk=chunk,
         )
         v = _gradient_change(cache, slots, (y[ws] * delta)[order], n_changed)
         f = f - v[pidx]
@@ -445,7 +447,7 @@ def _rows(state, x_all, sq_all, points, pts, want, gamma, coef0, *, kernel, degr
     x, sq = x_all[points], sq_all[points]
     s = list(state)
     s[CACHE], s[SLOT_OF], s[OWNER], s[STAMP], slots, n_new = _fetch(
-        s[CACHE], s[SLOT_OF], s[OWNER], s[STAMP], s[IT], pts, want, x, x.T, sq, gamma, coef0,
+        s[CACHE], s[SLOT_OF], s[OWNER], s[STAMP], s[IT], pts, want, x, sq, gamma, coef0,
         kernel=kernel, degree=degree, chunk=chunk,
     )
     s[N_ROWS] = s[N_ROWS] + n_new
@@ -701,19 +703,34 @@ def _to_device(x32, dtype=jnp.float32):
     return jnp.asarray(x32.astype(dtype, copy=False)), jnp.asarray(sq)
 
 
+def _ynn_dots(xla_flags: str) -> bool:
+    """Whether these XLA flags leave XLA:CPU's matrix products to YNNPACK: yes unless the last
+    `--xla_cpu_experimental_ynn_fusion_type` names a list without a DOT type, or removes one
+    (`-TYPE`) from XLA's default list (which has it) without adding one back (`+TYPE`)."""
+    value = None
+    for token in shlex.split(xla_flags):
+        name, _, v = token.lstrip("-").partition("=")
+        if name == "xla_cpu_experimental_ynn_fusion_type":
+            value = v
+    if value is None:
+        return True
+    items = [i.strip() for i in value.split(",") if i.strip()]
+    edits = bool(items) and all(i[0] in "+-" for i in items)
+    dots = edits  # an edit list starts from XLA's default, an explicit list from nothing
+    for item in items:
+        if "DOT" in item:
+            dots = not item.startswith("-")
+    return dots
+
+
 def _grid_dtype():
     """The dtype of integer points (`_integer_grid`) on the device: bfloat16, which holds them
-    exactly and which the products of `_dot` read twice as fast as float32 with YNNPACK (see
-    README), unless XLA:CPU's flags leave YNNPACK out of matrix products (XLA's own bfloat16
-    products are ~3x slower than its float32 ones)."""
+    exactly and which YNNPACK multiplies 1.3-1.9x as fast as float32 (README), unless XLA:CPU's
+    flags (as `XLA_FLAGS` says) leave YNNPACK out of matrix products: XLA's own bfloat16
+    products are then up to 1.35x slower than its float32 ones."""
     if jax.default_backend() != "cpu":
         return jnp.bfloat16
-    flags = os.environ.get("XLA_FLAGS", "")
-    for token in flags.split():
-        name, _, value = token.lstrip("-").partition("=")
-        if name == "xla_cpu_experimental_ynn_fusion_type" and "DOT" not in value:
-            return jnp.float32
-    return jnp.bfloat16
+    return jnp.bfloat16 if _ynn_dots(os.environ.get("XLA_FLAGS", "")) else jnp.float32
 
 
 def _integer_grid(x):
@@ -740,6 +757,8 @@ def _on_grid(x, grid):
     """x as the float32 integers k of `_integer_grid`'s grid, or None when x is not on it."""
     scale, offset = grid
     k = np.rint(x * scale)
+    if k.size == 0:  # no points (a model without support vectors): trivially on the grid
+        return k.astype(np.float32)
     if np.abs(x * scale - k).max() > 1e-3:
         return None
     k -= offset
@@ -958,10 +977,10 @@ class _BaseSVM:
 @partial(
     jax.jit, static_argnames=("kernel", "degree", "dtype"), compiler_options=_COMPILER_OPTIONS
 )
-def _decision_chunk(z, sv_t, sq_sv, coef, gamma, coef0, *, kernel, degree, dtype):
-    """z: float32 points; sv_t: the support vectors transposed, as dtype (see `_dot`)."""
+def _decision_chunk(z, sv, sq_sv, coef, gamma, coef0, *, kernel, degree, dtype):
+    """z: float32 points; sv: the support vectors as dtype."""
     k = _kernel_block(
-        z.astype(dtype), sv_t, jnp.sum(z * z, 1), sq_sv, gamma, coef0, kernel=kernel,
+        z.astype(dtype), sv, jnp.sum(z * z, 1), sq_sv, gamma, coef0, kernel=kernel,
         degree=degree,
     )
     return jnp.dot(k, coef, precision=lax.Precision.HIGHEST)
@@ -977,9 +996,7 @@ def _decision(x, sv, coef, rho, *, kernel, gamma, coef0, degree, chunk=1024, dty
     cp = np.zeros((s_pad, coef.shape[1]), np.float32)
     cp[:n_sv] = coef
     cj = jnp.asarray(cp)
-    # on the host, as `_to_device` (no eager programs to compile)
-    sq = jnp.asarray(np.einsum("ij,ij->i", svp, svp, dtype=np.float64).astype(np.float32))
-    svt = jnp.asarray(np.ascontiguousarray(svp.T).astype(dtype))
+    svj, sq = _to_device(svp, dtype)
     n = x.shape[0]
     chunk = min(chunk, _bucket(n, 8))
     out = []
@@ -988,7 +1005,7 @@ def _decision(x, sv, coef, rho, *, kernel, gamma, coef0, degree, chunk=1024, dty
         part = x[start : start + chunk]
         z[: len(part)] = part
         d = _decision_chunk(
-            jnp.asarray(z), svt, sq, cj, jnp.float32(gamma), jnp.float32(coef0),
+            jnp.asarray(z), svj, sq, cj, jnp.float32(gamma), jnp.float32(coef0),
             kernel=kernel, degree=degree, dtype=dtype,
         )
         out.append(np.asarray(d, np.float64)[: len(part)])

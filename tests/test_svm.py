@@ -480,41 +480,70 @@ def test_grid_points_in_bfloat16_give_the_float32_kernel_bit_for_bit():
     k[0] = 128  # the extremes: the largest norm and dot product
     k[1] = -128
     sq = jnp.sum(jnp.asarray(k) ** 2, 1)
-    f32 = svm._kernel_block(
-        jnp.asarray(k), jnp.asarray(k).T, sq, sq, 1e-6, 0.0, kernel="rbf", degree=3
-    )
+    f32 = svm._kernel_block(jnp.asarray(k), jnp.asarray(k), sq, sq, 1e-6, 0.0, kernel="rbf",
+                            degree=3)
     kb = jnp.asarray(k, jnp.bfloat16)
-    bf16 = svm._kernel_block(kb, kb.T, sq, sq, 1e-6, 0.0, kernel="rbf", degree=3)
+    bf16 = svm._kernel_block(kb, kb, sq, sq, 1e-6, 0.0, kernel="rbf", degree=3)
     assert bf16.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(bf16), np.asarray(f32))
-    dot = svm._dot(kb[:2], kb[:2].T)
-    assert float(dot[0, 1]) == -784 * 128**2
+    dot = svm._dot(kb[:2], kb[:3])
+    assert dot.shape == (2, 3) and float(dot[0, 1]) == -784 * 128**2
 
 
 def test_fit_on_the_grid_is_the_same_in_bfloat16_and_float32(fashion_pair, monkeypatch):
     """The whole fit, solver trajectory included, is identical with either storage dtype."""
     x, y = fashion_pair
+    monkeypatch.setattr(svm, "_grid_dtype", lambda: jnp.bfloat16)
     a = svm.SVC(C=10).fit(x, y)
+    assert a._grid is not None
     monkeypatch.setattr(svm, "_grid_dtype", lambda: jnp.float32)
     b = svm.SVC(C=10).fit(x, y)
-    assert svm._grid_dtype() == jnp.float32
     np.testing.assert_array_equal(a.dual_coef_, b.dual_coef_)
     np.testing.assert_array_equal(a.n_iter_, b.n_iter_)
     np.testing.assert_array_equal(a.decision_function(x), b.decision_function(x))
+    # a cache too small for all rows (recomputed rows, and float64 sums in other blocks)
+    c = svm.SVC(C=10, cache_size=0.1).fit(x, y)
+    assert (c.n_kernel_rows_ > a.n_kernel_rows_).any()
+    np.testing.assert_array_equal(a.dual_coef_, c.dual_coef_)
+    np.testing.assert_allclose(a.decision_function(x), c.decision_function(x), atol=1e-12)
 
 
 def test_grid_dtype_follows_the_xla_flags(monkeypatch):
     """bfloat16 only where XLA:CPU's matrix products go through YNNPACK (fast in bfloat16)."""
-    if jax.default_backend() != "cpu":
-        assert svm._grid_dtype() == jnp.bfloat16
-        return
     flag = "--xla_cpu_experimental_ynn_fusion_type"
+    dot, conv = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    cases = {
+        "": True,
+        "--xla_cpu_use_thunk_runtime=true": True,
+        f"{flag}={dot},LIBRARY_FUSION_TYPE_REDUCE": True,  # flaxcnn's default
+        f"{flag}=": False,
+        f"{flag}=LIBRARY_FUSION_TYPE_REDUCE": False,
+        f"{flag}=-{dot}": False,  # removed from XLA's default list
+        f"{flag}=-{conv}": True,  # the default list less convolutions
+        f"{flag}=+LIBRARY_FUSION_TYPE_REDUCE": True,
+        f"{flag}=-{dot},+{dot}": True,
+        f"{flag}= {flag}={dot}": True,  # the last one counts
+        f"{flag}={dot} {flag}=": False,
+    }
+    for flags, dots in cases.items():
+        assert svm._ynn_dots(flags) is dots, flags
+    monkeypatch.setenv("XLA_FLAGS", f"{flag}=")
+    expected = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    assert svm._grid_dtype() == expected
     monkeypatch.setenv("XLA_FLAGS", "")
     assert svm._grid_dtype() == jnp.bfloat16
-    monkeypatch.setenv("XLA_FLAGS", f"{flag}=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
-    assert svm._grid_dtype() == jnp.bfloat16
-    monkeypatch.setenv("XLA_FLAGS", f"--xla_cpu_use_thunk_runtime=true {flag}=")
-    assert svm._grid_dtype() == jnp.float32
+
+
+def test_no_support_vectors_on_the_grid(fashion_pair):
+    """Every target inside the epsilon tube: no support vectors, a constant prediction equal to
+    libsvm's (the model's empty support-vector set is on the training data's grid)."""
+    x, y = fashion_pair
+    z = 0.01 * (y == 6)
+    model = svm.SVR(kernel="rbf", C=1.0, epsilon=1.0).fit(x, z)
+    assert model._grid is not None and model.support_vectors_.shape == (0, x.shape[1])
+    ref = sk.SVR(kernel="rbf", C=1.0, epsilon=1.0).fit(x, z)
+    assert len(ref.support_) == 0
+    np.testing.assert_allclose(model.predict(x), ref.predict(x), atol=1e-9)
 
 
 def test_predict_off_the_grid(fashion_pair):
