@@ -46,13 +46,26 @@ def _flag_name(token: str) -> str | None:
     return token.lstrip("-").split("=", 1)[0]
 
 
+def _tokens(xla_flags: str) -> list[str]:
+    try:
+        return shlex.split(xla_flags)
+    except ValueError:
+        return xla_flags.split()
+
+
 def user_flag_names(xla_flags: str) -> set[str]:
     """The flag names in an `XLA_FLAGS` string (`--name=value` or `--name` tokens)."""
-    try:
-        tokens = shlex.split(xla_flags)
-    except ValueError:
-        tokens = xla_flags.split()
-    return {name for name in map(_flag_name, tokens) if name}
+    return {name for name in map(_flag_name, _tokens(xla_flags)) if name}
+
+
+def flag_value(xla_flags: str, name: str) -> str | None:
+    """The value an `XLA_FLAGS` string gives flag `name` (its last occurrence, as XLA reads
+    it; "" for a bare `--name`), or None when it does not name it."""
+    value = None
+    for token in _tokens(xla_flags):
+        if _flag_name(token) == name:
+            value = token.partition("=")[2]
+    return value
 
 
 def merge_flags(xla_flags: str, defaults: dict[str, str] | None = None) -> str:

@@ -75,7 +75,6 @@ import gzip
 import math
 import numbers
 import os
-import shlex
 import threading
 import time
 import warnings
@@ -86,6 +85,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from flaxcnn import cpu
 
 KERNELS = ("linear", "poly", "rbf", "sigmoid")
 MULTICLASS = ("ovo", "ovr")
@@ -357,13 +358,14 @@ IT, N_INNER, N_ROWS, ALPHA, F, WS, VALID, KBB, CACHE, SLOT_OF, OWNER, STAMP, GAP
 
 
 @partial(jax.jit, static_argnames=("q",), donate_argnums=(0,), compiler_options=_COMPILER_OPTIONS)
-def _init_state(cache, y, p, q):
-    """alpha = 0, f = -y G = -y p, an empty working set; the kernel-row cache (see `_fetch`)."""
+def _init_state(cache, y, q):
+    """alpha = 0, an empty working set, the kernel-row cache (see `_fetch`); f is `_solve`'s
+    argument."""
     rows, n = cache.shape
     m = y.shape[0]
     small = 1 if rows >= n else rows
     return (
-        jnp.int32(0), jnp.int32(0), jnp.int32(0), jnp.zeros(m, jnp.float32), -y * p,
+        jnp.int32(0), jnp.int32(0), jnp.int32(0), jnp.zeros(m, jnp.float32), jnp.zeros_like(y),
         jnp.zeros(q, jnp.int32), jnp.zeros(q, bool), jnp.zeros((q, q), jnp.float32),
         cache, jnp.full(n, -1, jnp.int32), jnp.full(small, -1, jnp.int32),
         jnp.full(small, -1, jnp.int32), jnp.float32(jnp.inf),
@@ -517,7 +519,7 @@ class _Problem:
             coef0=jnp.float32(coef0), kernel=kernel, degree=int(degree),
         )
         yj, cj = jnp.asarray(yp), jnp.asarray(cp)
-        state = _init_state(cache, yj, jnp.asarray(pp), q=qq)
+        state = _init_state(cache, yj, q=qq)
         limit = jnp.int32(max_iter if max_iter > 0 else np.iinfo(np.int32).max)
         f = -yp * pp  # -y G at alpha = 0
         for r in range(_REFRESHES + 1):
@@ -707,11 +709,7 @@ def _ynn_dots(xla_flags: str) -> bool:
     """Whether these XLA flags leave XLA:CPU's matrix products to YNNPACK: yes unless the last
     `--xla_cpu_experimental_ynn_fusion_type` names a list without a DOT type, or removes one
     (`-TYPE`) from XLA's default list (which has it) without adding one back (`+TYPE`)."""
-    value = None
-    for token in shlex.split(xla_flags):
-        name, _, v = token.lstrip("-").partition("=")
-        if name == "xla_cpu_experimental_ynn_fusion_type":
-            value = v
+    value = cpu.flag_value(xla_flags, "xla_cpu_experimental_ynn_fusion_type")
     if value is None:
         return True
     items = [i.strip() for i in value.split(",") if i.strip()]
