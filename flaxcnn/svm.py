@@ -357,19 +357,18 @@ def _new_block(cache, slot_of, pts, valid, x, sq, kern):
 IT, N_INNER, N_ROWS, ALPHA, F, WS, VALID, KBB, CACHE, SLOT_OF, OWNER, STAMP, GAP = range(13)
 
 
-@partial(jax.jit, static_argnames=("q",), donate_argnums=(0,), compiler_options=_COMPILER_OPTIONS)
-def _init_state(cache, y, q):
+def _init_state(cache, m, q):
     """alpha = 0, an empty working set, the kernel-row cache (see `_fetch`); f is `_solve`'s
-    argument."""
+    argument. Made on the host: a compiled program for it would cost ~60 ms of a cold fit."""
     rows, n = cache.shape
-    m = y.shape[0]
     small = 1 if rows >= n else rows
-    return (
-        jnp.int32(0), jnp.int32(0), jnp.int32(0), jnp.zeros(m, jnp.float32), jnp.zeros_like(y),
-        jnp.zeros(q, jnp.int32), jnp.zeros(q, bool), jnp.zeros((q, q), jnp.float32),
-        cache, jnp.full(n, -1, jnp.int32), jnp.full(small, -1, jnp.int32),
-        jnp.full(small, -1, jnp.int32), jnp.float32(jnp.inf),
+    i32, f32 = np.int32, np.float32
+    host = (
+        i32(0), i32(0), i32(0), np.zeros(m, f32), np.zeros(m, f32), np.zeros(q, i32),
+        np.zeros(q, bool), np.zeros((q, q), f32), None, np.full(n, -1, i32),
+        np.full(small, -1, i32), np.full(small, -1, i32), f32(np.inf),
     )
+    return tuple(cache if a is None else jax.device_put(a) for a in host)
 
 
 @partial(
@@ -513,18 +512,18 @@ class _Problem:
             rows = max(rows, 2 * qq)
         cache = workspace.pop((rows, n_pad), None) if workspace is not None else None
         if cache is None:
-            cache = jnp.zeros((rows, n_pad), jnp.float32)
+            cache = _zeros((rows, n_pad))
         dev = dict(
-            x_all=x_all, sq_all=sq_all, points=jnp.asarray(pts), gamma=jnp.float32(gamma),
-            coef0=jnp.float32(coef0), kernel=kernel, degree=int(degree),
+            x_all=x_all, sq_all=sq_all, points=jax.device_put(pts), gamma=np.float32(gamma),
+            coef0=np.float32(coef0), kernel=kernel, degree=int(degree),
         )
-        yj, cj = jnp.asarray(yp), jnp.asarray(cp)
-        state = _init_state(cache, yj, q=qq)
-        limit = jnp.int32(max_iter if max_iter > 0 else np.iinfo(np.int32).max)
+        yj, cj = jax.device_put(yp), jax.device_put(cp)
+        state = _init_state(cache, m_pad, q=qq)
+        limit = np.int32(max_iter if max_iter > 0 else np.iinfo(np.int32).max)
         f = -yp * pp  # -y G at alpha = 0
         for r in range(_REFRESHES + 1):
             state = _solve(
-                state, jnp.asarray(f), pidx=jnp.asarray(pid), y=yj, c=cj, tol=jnp.float32(tol),
+                state, jax.device_put(f), pidx=jax.device_put(pid), y=yj, c=cj, tol=np.float32(tol),
                 max_outer=limit, max_inner=int(max_inner), chunk=chunk, **dev,
             )
             alpha = np.asarray(state[ALPHA], np.float64)[:m]
@@ -586,10 +585,12 @@ def _gradient64(state, alpha, y, p, pidx, n, chunk, dev, block, x, kp):
             pts[: len(part)] = part
             want = np.arange(block) < len(part)
             state, rows = _rows(
-                state, pts=jnp.asarray(pts), want=jnp.asarray(want), chunk=chunk, **dev
+                state, pts=jax.device_put(pts), want=jax.device_put(want), chunk=chunk, **dev
             )
             rows = np.asarray(rows)[: len(part), :n]
-        v += coef[part] @ rows.astype(np.float64)
+        # einsum sums in float64 without a float64 copy of the rows, and without waking
+        # OpenBLAS's threads, whose spinning slows the other job's solver (a 7x faster sum)
+        v += np.einsum("i,ij->j", coef[part], rows, dtype=np.float64)
     return state, y * v[pidx] + p
 
 
@@ -702,7 +703,16 @@ def _to_device(x32, dtype=jnp.float32):
     device arrays. Computed on the host: eager device operations would each compile a program
     (~0.1 s of a cold fit)."""
     sq = np.einsum("ij,ij->i", x32, x32, dtype=np.float64).astype(np.float32)
-    return jnp.asarray(x32.astype(dtype, copy=False)), jnp.asarray(sq)
+    return jax.device_put(x32.astype(dtype, copy=False)), jax.device_put(sq)
+
+
+def _zeros(shape):
+    """float32 zeros on the device. Up to 64 MiB copied from the host: `jnp.zeros` would compile
+    a program (~40 ms of a cold fit); larger ones filled by it, faster than the copy (0.12
+    against 0.4 s for 600 MB)."""
+    if math.prod(shape) * 4 <= 64 * 2**20:
+        return jax.device_put(np.zeros(shape, np.float32))
+    return jnp.zeros(shape, jnp.float32)
 
 
 def _ynn_dots(xla_flags: str) -> bool:
@@ -993,7 +1003,7 @@ def _decision(x, sv, coef, rho, *, kernel, gamma, coef0, degree, chunk=1024, dty
     svp[:n_sv] = sv
     cp = np.zeros((s_pad, coef.shape[1]), np.float32)
     cp[:n_sv] = coef
-    cj = jnp.asarray(cp)
+    cj = jax.device_put(cp)
     svj, sq = _to_device(svp, dtype)
     n = x.shape[0]
     chunk = min(chunk, _bucket(n, 8))
@@ -1003,7 +1013,7 @@ def _decision(x, sv, coef, rho, *, kernel, gamma, coef0, degree, chunk=1024, dty
         part = x[start : start + chunk]
         z[: len(part)] = part
         d = _decision_chunk(
-            jnp.asarray(z), svj, sq, cj, jnp.float32(gamma), jnp.float32(coef0),
+            jax.device_put(z), svj, sq, cj, np.float32(gamma), np.float32(coef0),
             kernel=kernel, degree=degree, dtype=dtype,
         )
         out.append(np.asarray(d, np.float64)[: len(part)])

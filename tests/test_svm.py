@@ -555,3 +555,31 @@ def test_predict_off_the_grid(fashion_pair):
     np.testing.assert_allclose(
         model.decision_function(shifted), model.decision_function(x), atol=1e-3
     )
+
+
+@pytest.mark.parametrize("grid", [False, True])
+def test_fit_compiles_the_solver_and_nothing_else(grid):
+    """Eager JAX operations (`jnp.asarray`, `jnp.zeros`, `jnp.float32(...)`) each compile a
+    program, 30-70 ms apiece in a cold fit: the fit prepares its arrays on the host, so the
+    solver is its one compiled program and the decision function predict's. (A width no other
+    test uses, so that nothing is compiled already.)"""
+    rng = np.random.default_rng(5)
+    width = 13 if grid else 11
+    x = rng.integers(0, 256, (150, width)) / 255 if grid else rng.random((150, width))
+    y = rng.integers(0, 3, 150)
+    compiled = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kw.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        model = svm.SVC(C=10).fit(x, y)
+        fit = list(compiled)
+        model.predict(x)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert (model._grid is not None) == grid
+    assert fit == ["jit(_solve)"]
+    assert compiled[len(fit):] == ["jit(_decision_chunk)"]
