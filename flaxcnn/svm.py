@@ -363,12 +363,12 @@ def _init_state(cache, m, q):
     rows, n = cache.shape
     small = 1 if rows >= n else rows
     i32, f32 = np.int32, np.float32
-    host = (
+    state = jax.device_put((
         i32(0), i32(0), i32(0), np.zeros(m, f32), np.zeros(m, f32), np.zeros(q, i32),
         np.zeros(q, bool), np.zeros((q, q), f32), None, np.full(n, -1, i32),
         np.full(small, -1, i32), np.full(small, -1, i32), f32(np.inf),
-    )
-    return tuple(cache if a is None else jax.device_put(a) for a in host)
+    ))
+    return (*state[:CACHE], cache, *state[CACHE + 1 :])
 
 
 @partial(
@@ -531,7 +531,7 @@ class _Problem:
             # by up to ~1e-3 on Fashion-MNIST's largest problems)
             state, grad = _gradient64(
                 state, alpha, y, p, pidx, n, chunk, dev, 512 if rows >= n_pad else rows // 2,
-                x_host[points], (kernel, gamma, coef0, int(degree)),
+                x_host, points, (kernel, gamma, coef0, int(degree)),
             )
             gap = _violation64(alpha, grad, y, c)
             if gap <= tol or int(state[IT]) >= max_iter > 0 or r == _REFRESHES:
@@ -557,15 +557,16 @@ class _Problem:
         }
 
 
-def _gradient64(state, alpha, y, p, pidx, n, chunk, dev, block, x, kp):
+def _gradient64(state, alpha, y, p, pidx, n, chunk, dev, block, x_host, points, kp):
     """G = Q alpha + p in float64 from the float32 kernel rows of the points with a nonzero
     coefficient ([block, n] at a time, from the cache or computed); small problems compute
-    the kernel in float64 on the host (x: the problem's points; kp: kernel, gamma, coef0,
-    degree). Returns (state, G)."""
+    the kernel in float64 on the host (x_host[points]: the problem's points, gathered only
+    then; kp: kernel, gamma, coef0, degree). Returns (state, G)."""
     coef = np.bincount(pidx, weights=y * alpha, minlength=n)  # per point: sum of y a
     nz = np.flatnonzero(coef)
     v = np.zeros(n)
-    if len(nz) * n * x.shape[1] <= _HOST_GRADIENT:
+    if len(nz) * n * x_host.shape[1] <= _HOST_GRADIENT:
+        x = x_host[points]
         k = _kernel64(x[nz], x, *kp)
         return state, y * (coef[nz] @ k)[pidx] + p
     # With every row in its own slot (the slot of point i is i) and the cache in host memory,
