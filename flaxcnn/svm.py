@@ -101,6 +101,7 @@ _REFRESHES = 3  # times the solver resumes after a float64 gradient showed it ha
 # (its time goes to matrix products, which are library calls, and to small loops)
 _COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 _HOST_GRADIENT = 5e6  # float64 gradients of at most this many multiply-adds: on the host
+_ROWS = 1024  # host passes over the points go this many rows at a time (temporaries in cache)
 _BUCKET_STEPS = 8  # sizes are padded up to one of 8 steps per power of two (<= 12.5% padding)
 
 
@@ -687,7 +688,7 @@ def _check_x(x, name="X", n_features=None) -> np.ndarray:
     return x32
 
 
-def _variance(x, block=8192) -> float:
+def _variance(x, block=_ROWS) -> float:
     """x.var() over all entries, accumulated in float64 block by block (scikit-learn's
     gamma='scale' uses X.var())."""
     n = x.size
@@ -750,30 +751,44 @@ def _integer_grid(x):
     dot products are integers below 2**24, which float32 matrix products get exactly, so the
     squared distance |x - x'|^2 = (|k|^2 + |k'|^2 - 2 k.k') / scale^2 carries no cancellation
     error (the float32 formula on x itself loses up to ~1e-5 of each kernel value to it)."""
+    return _grid_points(x)[0]
+
+
+def _grid_points(x):
+    """(`_integer_grid`'s grid, x's integers k on it as float32), or (None, None): one pass over
+    x, _ROWS rows at a time (whole-array temporaries cost ~50 ms of a 10,000-image fit)."""
     if x.shape[1] * 128**2 >= 2**24:
-        return None
+        return None, None
+    k = np.empty(x.shape, np.float32)
     for scale in (255.0, 1.0):
-        k = np.rint(x * scale)
-        if np.abs(x * scale - k).max() > 1e-3:
-            continue
-        lo, hi = float(k.min()), float(k.max())
-        if hi - lo <= 255:
-            return scale, float(np.floor((lo + hi + 1) / 2))
-    return None
+        lo, hi = np.inf, -np.inf
+        for i in range(0, len(x), _ROWS):
+            s = x[i : i + _ROWS] * np.float32(scale)
+            kb = np.rint(s, out=k[i : i + _ROWS])
+            if np.abs(s - kb).max() > 1e-3:
+                break
+            lo, hi = min(lo, float(kb.min())), max(hi, float(kb.max()))
+        else:
+            if hi - lo <= 255:
+                offset = float(np.floor((lo + hi + 1) / 2))
+                k -= np.float32(offset)
+                return (scale, offset), k
+    return None, None
 
 
 def _on_grid(x, grid):
     """x as the float32 integers k of `_integer_grid`'s grid, or None when x is not on it."""
     scale, offset = grid
-    k = np.rint(x * scale)
-    if k.size == 0:  # no points (a model without support vectors): trivially on the grid
-        return k.astype(np.float32)
-    if np.abs(x * scale - k).max() > 1e-3:
-        return None
-    k -= offset
-    if np.abs(k).max() > 128:
-        return None
-    return k.astype(np.float32)
+    k = np.empty(x.shape, np.float32)
+    for i in range(0, len(x), _ROWS):
+        s = x[i : i + _ROWS] * np.float32(scale)
+        kb = np.rint(s, out=k[i : i + _ROWS])
+        if np.abs(s - kb).max() > 1e-3:
+            return None
+        kb -= np.float32(offset)
+        if np.abs(kb).max() > 128:
+            return None
+    return k
 
 
 def _check_labels(y, n) -> np.ndarray:
@@ -960,11 +975,10 @@ class _BaseSVM:
         """The training points (host array, device arrays with their squared norms), as
         integers when the RBF kernel can use them (`_integer_grid`), with gamma scaled to
         match."""
-        self._grid = _integer_grid(x32) if opts["kernel"] == "rbf" else None
+        self._grid, k = _grid_points(x32) if opts["kernel"] == "rbf" else (None, None)
         if self._grid is None:
             return (x32, *_to_device(x32)), opts
         scale = self._grid[0]
-        k = _on_grid(x32, self._grid)
         return (k, *_to_device(k, _grid_dtype())), {**opts, "gamma": opts["gamma"] / scale**2}
 
     def _decision_raw(self, x):
