@@ -354,6 +354,27 @@ def _new_block(cache, slot_of, pts, valid, x, sq, kern):
     return k
 
 
+_SPECULATE = True  # fill spare rows of the row blocks (`_speculative`); off only to compare
+
+
+def _speculative(changed, valid, cached, block):
+    """Working-set variables whose rows fill the last `block`-row block the changed ones start.
+
+    A block's product costs the same whatever number of its rows are used (the [n, d] operand
+    is packed at every product), so its spare rows go to uncached members of the working set
+    that did not move, the newer half first (they stay for the next step): rows computed for
+    free that a later step may not have to compute."""
+    q = changed.shape[0]
+    h = q // 2
+    n_need = jnp.sum((changed & ~cached).astype(jnp.int32))
+    spare = jnp.where(n_need > 0, (-n_need) % block, 0)
+    cand = valid & ~changed & ~cached
+    prio = jnp.concatenate([cand[h:], cand[:h]])  # newer half first
+    rank = jnp.cumsum(prio.astype(jnp.int32))
+    pick = prio & (rank <= spare)
+    return jnp.concatenate([pick[h:], pick[:h]])
+
+
 # The solver's state, a tuple of device arrays (positions below).
 IT, N_INNER, N_ROWS, ALPHA, F, WS, VALID, KBB, CACHE, SLOT_OF, OWNER, STAMP, GAP = range(13)
 
@@ -391,8 +412,10 @@ def _solve(
     variables not in it (as ThunderSVM), compute the kernel between the new ones and the
     working set ([q/2, q]; the rest of the [q, q] block is carried over), solve the sub-problem,
     and update all gradients with the full kernel rows of the variables that changed, computed
-    when they are not cached yet. Variables that enter the working set but do not move never
-    cost a full row. The state (with its cache) is donated and returned."""
+    when they are not cached yet. Variables that enter the working set but do not move cost no
+    full row of their own; they only fill the spare rows of the last row block
+    (`_speculative`, when every row fits in the cache). The state (with its cache) is donated
+    and returned."""
     x, sq = x_all[points], sq_all[points]
     m = y.shape[0]
     q = state[WS].shape[0]
@@ -424,9 +447,14 @@ def _solve(
         # the gradients: f -= sum_s y_s da_s K(., x_s) over the variables that moved
         changed = delta != 0
         n_changed = jnp.sum(changed.astype(jnp.int32))
-        order = jnp.argsort(~changed, stable=True)
+        want = changed
+        if _SPECULATE and cache.shape[0] >= cache.shape[1]:
+            last = _TAIL if _TAIL < chunk else chunk  # the size of `_fetch`'s last blocks
+            want = changed | _speculative(changed, valid, slot_of[pts] >= 0, last)
+        # the changed variables first (the gradient update reads n_changed of them), then the rest
+        order = jnp.argsort(jnp.where(changed, 0, jnp.where(want, 1, 2)), stable=True)
         cache, slot_of, owner, stamp, slots, n_new = _fetch(
-            cache, slot_of, owner, stamp, it, pts[order], changed[order], x, sq, gamma, coef0,
+            cache, slot_of, owner, stamp, it, pts[order], want[order], x, sq, gamma, coef0,
             kernel=kernel, degree=degree, chunk=chunk,
         )
         v = _gradient_change(cache, slots, (y[ws] * delta)[order], n_changed)

@@ -583,3 +583,23 @@ def test_fit_compiles_the_solver_and_nothing_else(grid):
     assert (model._grid is not None) == grid
     assert fit == ["jit(_solve)"]
     assert compiled[len(fit):] == ["jit(_decision_chunk)"]
+
+
+def test_speculative_rows_change_nothing_but_the_work(fashion_pair, monkeypatch):
+    """The spare rows of a row block go to working-set members that did not move: more rows are
+    computed (in fewer products), and the fit is the same to the bit (integer data)."""
+    x, y = fashion_pair
+    kw = dict(C=10, tol=TOL, working_set_size=64)
+    svm._solve.clear_cache()  # the flag is read when the solver is traced
+    on = svm.SVC(**kw).fit(x, y)
+    monkeypatch.setattr(svm, "_SPECULATE", False)
+    svm._solve.clear_cache()
+    try:
+        off = svm.SVC(**kw).fit(x, y)
+    finally:
+        svm._solve.clear_cache()
+    assert on._grid is not None
+    assert on.n_kernel_rows_.sum() > off.n_kernel_rows_.sum()
+    np.testing.assert_array_equal(on.n_iter_, off.n_iter_)
+    np.testing.assert_array_equal(on.dual_coef_, off.dual_coef_)
+    np.testing.assert_array_equal(on.intercept_, off.intercept_)
