@@ -30,10 +30,11 @@ Solver. Sequential minimal optimisation with large working sets, as ThunderSVM d
 4. the sub-problem is solved by libsvm's SMO (maximal violating ``i``, second-order ``j``) in an
    inner `lax.while_loop`, until its own violation is below ``max(tol, 0.1 * its initial one)``;
 5. ``f`` of all variables is updated with the full kernel rows of the variables that moved: a
-   row is computed (64 rows at a time, one [64, d] x [d, n] matrix product, ``|x|^2 + |x'|^2 -
-   2 x . x'`` for the RBF kernel) the first time its variable moves and kept in a row cache
-   (all rows when they fit in ``cache_size`` MB, else least recently used out). Variables that
-   enter the working set but stay at 0, most of them, never cost a full row. The n x n matrix is
+   row is computed (in blocks of 64 rows, the last ones of 16: one [rows, d] x [d, n] matrix
+   product each, ``|x|^2 + |x'|^2 - 2 x . x'`` for the RBF kernel) the first time its variable
+   moves and kept in a row cache (all rows when they fit in ``cache_size`` MB, else least
+   recently used out). Variables that enter the working set but stay at 0, most of them, cost
+   no row of their own; they only fill a block's spare rows (`_speculative`). The n x n matrix is
    never formed, so all 60,000 Fashion-MNIST images fit in memory (one-vs-one pairs of 12,000
    images: 600 MB of cached rows at most, per concurrent problem);
 6. stop when the maximal KKT violation ``max_{I_up} f - min_{I_low} f`` is below ``tol``
@@ -94,6 +95,9 @@ _TAU = 1e-12  # libsvm's TAU: a non-positive curvature is replaced by it
 # an inner solve stops when its violation is below max(tol, _LOCAL_FACTOR * its initial one)
 _LOCAL_FACTOR = 0.1
 _TAIL = 16  # kernel rows are computed `chunk` at a time, the last few _TAIL at a time
+# fill the spare rows of the last row block (`_speculative`); read when `_solve` is traced, so
+# switching it (only to compare) needs `_solve.clear_cache()`
+_SPECULATE = True
 _GEMV = 64  # gradient updates read the changed kernel rows _GEMV at a time
 _BLOCK = 32  # uncached kernel rows among the working set are computed _BLOCK at a time
 _REFRESHES = 3  # times the solver resumes after a float64 gradient showed it had not converged
@@ -354,20 +358,23 @@ def _new_block(cache, slot_of, pts, valid, x, sq, kern):
     return k
 
 
-_SPECULATE = True  # fill spare rows of the row blocks (`_speculative`); off only to compare
-
-
-def _speculative(changed, valid, cached, block):
-    """Working-set variables whose rows fill the last `block`-row block the changed ones start.
+def _speculative(changed, valid, cached, chunk):
+    """Working-set variables whose rows fill the last row block the changed ones start
+    (`_fetch`: whole `chunk`-row blocks, then `_TAIL`-row ones).
 
     A block's product costs the same whatever number of its rows are used (the [n, d] operand
     is packed at every product), so its spare rows go to uncached members of the working set
     that did not move, the newer half first (they stay for the next step): rows computed for
-    free that a later step may not have to compute."""
+    free that a later step may not have to compute. (In epsilon-SVR a point's two variables
+    count twice: at worst a spare row is lost.)"""
     q = changed.shape[0]
     h = q // 2
     n_need = jnp.sum((changed & ~cached).astype(jnp.int32))
-    spare = jnp.where(n_need > 0, (-n_need) % block, 0)
+    if _TAIL < chunk:
+        r = n_need % chunk
+        spare = jnp.minimum((-r) % _TAIL, chunk - r)  # never past the next whole chunk
+    else:
+        spare = (-n_need) % chunk
     cand = valid & ~changed & ~cached
     prio = jnp.concatenate([cand[h:], cand[:h]])  # newer half first
     rank = jnp.cumsum(prio.astype(jnp.int32))
@@ -449,8 +456,7 @@ def _solve(
         n_changed = jnp.sum(changed.astype(jnp.int32))
         want = changed
         if _SPECULATE and cache.shape[0] >= cache.shape[1]:
-            last = _TAIL if _TAIL < chunk else chunk  # the size of `_fetch`'s last blocks
-            want = changed | _speculative(changed, valid, slot_of[pts] >= 0, last)
+            want = changed | _speculative(changed, valid, slot_of[pts] >= 0, chunk)
         # the changed variables first (the gradient update reads n_changed of them), then the rest
         order = jnp.argsort(jnp.where(changed, 0, jnp.where(want, 1, 2)), stable=True)
         cache, slot_of, owner, stamp, slots, n_new = _fetch(
@@ -784,8 +790,9 @@ def _integer_grid(x):
 
 def _grid_points(x):
     """(`_integer_grid`'s grid, x's integers k on it as float32), or (None, None): one pass over
-    x, _ROWS rows at a time (whole-array temporaries cost ~50 ms of a 10,000-image fit)."""
-    if x.shape[1] * 128**2 >= 2**24:
+    x per scale tried, _ROWS rows at a time (whole-array temporaries cost ~50 ms of a
+    10,000-image fit)."""
+    if len(x) == 0 or x.shape[1] * 128**2 >= 2**24:
         return None, None
     k = np.empty(x.shape, np.float32)
     for scale in (255.0, 1.0):

@@ -561,8 +561,9 @@ def test_predict_off_the_grid(fashion_pair):
 def test_fit_compiles_the_solver_and_nothing_else(grid):
     """Eager JAX operations (`jnp.asarray`, `jnp.zeros`, `jnp.float32(...)`) each compile a
     program, 30-70 ms apiece in a cold fit: the fit prepares its arrays on the host, so the
-    solver is its one compiled program and the decision function predict's. (A width no other
-    test uses, so that nothing is compiled already.)"""
+    solver is its one compiled program and the decision function predict's (row caches up to
+    64 MiB; larger ones are filled by `jnp.zeros`). A width no other test uses, so that nothing
+    is compiled already, and no persistent compilation cache, whose hits are not compiles."""
     rng = np.random.default_rng(5)
     width = 13 if grid else 11
     x = rng.integers(0, 256, (150, width)) / 255 if grid else rng.random((150, width))
@@ -573,6 +574,8 @@ def test_fit_compiles_the_solver_and_nothing_else(grid):
         if event == "/jax/core/compile/backend_compile_duration":
             compiled.append(kw.get("fun_name"))
 
+    cache_was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
         model = svm.SVC(C=10).fit(x, y)
@@ -580,6 +583,7 @@ def test_fit_compiles_the_solver_and_nothing_else(grid):
         model.predict(x)
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
+        jax.config.update("jax_enable_compilation_cache", cache_was)
     assert (model._grid is not None) == grid
     assert fit == ["jit(_solve)"]
     assert compiled[len(fit):] == ["jit(_decision_chunk)"]
@@ -587,7 +591,7 @@ def test_fit_compiles_the_solver_and_nothing_else(grid):
 
 def test_speculative_rows_change_nothing_but_the_work(fashion_pair, monkeypatch):
     """The spare rows of a row block go to working-set members that did not move: more rows are
-    computed (in fewer products), and the fit is the same to the bit (integer data)."""
+    computed, and the fit is the same to the bit (integer data)."""
     x, y = fashion_pair
     kw = dict(C=10, tol=TOL, working_set_size=64)
     svm._solve.clear_cache()  # the flag is read when the solver is traced
