@@ -362,13 +362,11 @@ def _speculative(changed, valid, cached, chunk):
     """Working-set variables whose rows fill the last row block the changed ones start
     (`_fetch`: whole `chunk`-row blocks, then `_TAIL`-row ones).
 
-    A block's product costs the same whatever number of its rows are used (the [n, d] operand
-    is packed at every product), so its spare rows go to uncached members of the working set
-    that did not move, the newer half first (they stay for the next step): rows computed for
-    free that a later step may not have to compute. (In epsilon-SVR a point's two variables
-    count twice: at worst a spare row is lost.)"""
-    q = changed.shape[0]
-    h = q // 2
+    A block's product costs much the same however few of its rows are used (YNNPACK packs the
+    [n, d] operand at every product), so its spare rows go to uncached members of the working
+    set that did not move, the newer half (the last q/2, which stay for the next step) first:
+    rows nearly for free that a later step may not have to compute. (In epsilon-SVR a point's
+    two variables count twice: at worst a spare row is lost.)"""
     n_need = jnp.sum((changed & ~cached).astype(jnp.int32))
     if _TAIL < chunk:
         r = n_need % chunk
@@ -376,10 +374,8 @@ def _speculative(changed, valid, cached, chunk):
     else:
         spare = (-n_need) % chunk
     cand = valid & ~changed & ~cached
-    prio = jnp.concatenate([cand[h:], cand[:h]])  # newer half first
-    rank = jnp.cumsum(prio.astype(jnp.int32))
-    pick = prio & (rank <= spare)
-    return jnp.concatenate([pick[h:], pick[:h]])
+    rank = jnp.cumsum(cand[::-1].astype(jnp.int32))[::-1]  # from the end: newer half first
+    return cand & (rank <= spare)
 
 
 # The solver's state, a tuple of device arrays (positions below).
