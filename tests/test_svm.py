@@ -607,3 +607,25 @@ def test_speculative_rows_change_nothing_but_the_work(fashion_pair, monkeypatch)
     np.testing.assert_array_equal(on.n_iter_, off.n_iter_)
     np.testing.assert_array_equal(on.dual_coef_, off.dual_coef_)
     np.testing.assert_array_equal(on.intercept_, off.intercept_)
+
+
+def test_fit_restores_the_garbage_collector(binary, monkeypatch):
+    """The collector is paused while a problem is solved (`_gc_paused`) and comes back as the
+    caller had it: on, or off."""
+    import gc
+
+    x, y = binary
+    during = []
+    solve = svm._Problem.solve
+    monkeypatch.setattr(
+        svm._Problem, "solve", lambda *a, **k: during.append(gc.isenabled()) or solve(*a, **k)
+    )
+    assert gc.isenabled()
+    svm.SVC(C=1.0).fit(x, y)
+    assert during == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        svm.SVR(C=1.0).fit(x, y.astype(float))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
