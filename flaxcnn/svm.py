@@ -744,7 +744,8 @@ def _to_device(x32, dtype=jnp.float32):
 def _gc_paused():
     """Python's cyclic garbage collector off while a problem is solved: tracing the solver
     allocates many small objects, and the collections they trigger cost 0.03-0.05 s of its
-    0.1-0.15 s (the solve itself allocates little). Left off if the caller turned it off."""
+    0.1-0.15 s (the solve itself allocates little). Left off if the caller turned it off; with
+    jobs on several threads, the first to finish turns it back on (only delaying collection)."""
     was = gc.isenabled()
     gc.disable()
     try:
