@@ -204,6 +204,22 @@ def xla_flops(compiled) -> float | None:
     return float(f) if f is not None else None
 
 
+def model_flops(fn, *args) -> float | None:
+    """FLOPs of `fn(*args)` as XLA's cost analysis counts them, traced afresh with XLA's own
+    convolutions: the analysis sees no FLOPs inside oneDNN's custom calls (flaxcnn.onednn), so a
+    program compiled with them would report almost none."""
+    import jax
+
+    from flaxcnn.models import layers
+
+    fn = getattr(fn, "__wrapped__", fn)  # a jitted fn's trace cache holds the oneDNN trace
+    saved, layers._ONEDNN = layers._ONEDNN, False
+    try:  # and so would a second lowering of the same function object
+        return xla_flops(jax.jit(lambda *a: fn(*a)).lower(*args))
+    finally:
+        layers._ONEDNN = saved
+
+
 def xla_memory(compiled) -> dict:
     """XLA's buffer plan for one call (bytes): arguments, outputs, temporaries."""
     try:

@@ -76,6 +76,11 @@ CONFIGS = {
     "R+pool+bnvjp": (RED, True, "step", "bnvjp"),
     "R+pool+flaxbn": (RED, True, "step", "flaxbn"),
     "R+pool+conv1ch": (RED, True, "step", "conv1ch"),
+    "R+pool+xlaconv": (RED, True, "step", "xlaconv"),
+    "R+pool+dnnl6": (RED, True, "step", "dnnl6"),
+    "R+pool+dnnl12": (RED, True, "step", "dnnl12"),
+    "R+pool+dnnl24": (RED, True, "step", "dnnl24"),
+    "infer: R+pool+xlaconv": (RED, True, "infer", "xlaconv"),
     "R+pool+poolfuse": (RED, True, "step", "poolfuse"),
     "R+pool+convfew": (RED, True, "step", "convfew"),
     "R+pool+conv1ch-fused": (RED, True, "step", "conv1ch-fused"),
@@ -171,6 +176,11 @@ def build(name, batch, side, config, k_scan):
         "dot1x1": {"conv_nhwc": partial(_dot1x1, xla_conv)},
         # only their kernel gradient as a matrix product (ops.conv_1x1), whatever the map size
         "dw1x1": {"layers._LARGE_1X1": 1},
+        # XLA's convolutions (and the ops paths) instead of oneDNN's custom calls
+        "xlaconv": {"layers._ONEDNN": False},
+        "dnnl6": {"layers._ONEDNN_MIN_SIDE": 6},
+        "dnnl12": {"layers._ONEDNN_MIN_SIDE": 12},
+        "dnnl24": {"layers._ONEDNN_MIN_SIDE": 24},
         # the CPU convolution paths undone, each back to XLA's convolution or fusion
         "conv1ch": {"conv_one_channel": xla_stride1},
         "convfew": {"conv_few_channels": xla_stride1},
@@ -199,6 +209,7 @@ def build(name, batch, side, config, k_scan):
         t = time.perf_counter()
         compiled = fn.lower(state, *args).compile(opts)
         compile_s = time.perf_counter() - t
+        flops = harness.model_flops(fn, state, *args)
     finally:
         for k, f in saved.items():
             setattr(*target(k), f)
@@ -219,7 +230,7 @@ def build(name, batch, side, config, k_scan):
             return (time.perf_counter() - t) / n
         return sample
 
-    return run, {"compile_s": compile_s, "flops_per_step": harness.xla_flops(compiled),
+    return run, {"compile_s": compile_s, "flops_per_step": flops,
                  "cpu": holder["cpu"]}
 
 

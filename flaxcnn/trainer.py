@@ -305,6 +305,11 @@ class Run:
         if len(self.devices) > 1:
             label += f" (x{len(self.devices)}"
             label += f", {self.processes} processes)" if self.processes > 1 else ")"
+        if self.devices[0].platform == "cpu":  # which convolution kernels the step runs
+            from flaxcnn import onednn
+
+            label += (" (oneDNN convolutions)" if onednn.available()
+                      else f" (XLA's convolutions: {onednn.reason().splitlines()[0][:120]})")
         return label
 
     # -- data ------------------------------------------------------------------------------

@@ -263,7 +263,16 @@ def exported_counts(fn, args, op):
             for p in ("cpu", "cuda", "tpu")}
 
 
-def test_nin_1x1_kernel_gradients_only_on_cpu():
+@pytest.fixture
+def xla_convolutions(monkeypatch):
+    """The models as they compile without oneDNN (not built, or FLAXCNN_NO_ONEDNN): XLA's
+    convolutions and the ops paths for the layers it handles badly."""
+    from flaxcnn.models import layers
+
+    monkeypatch.setattr(layers, "_ONEDNN", False)
+
+
+def test_nin_1x1_kernel_gradients_only_on_cpu(xla_convolutions):
     """NiN's 1x1 layers on 54x54 and 26x26 maps (4 of its 8): on a CPU their kernel gradients
     are matrix products, elsewhere convolutions; smaller maps keep XLA's on every platform."""
     from flaxcnn import models
@@ -277,7 +286,7 @@ def test_nin_1x1_kernel_gradients_only_on_cpu():
     assert convs == {"cpu": 12 + 11 + 12 - 4, "cuda": 35, "tpu": 35}
 
 
-def test_googlenet_convolutions_keep_their_operands_on_cpu():
+def test_googlenet_convolutions_keep_their_operands_on_cpu(xla_convolutions):
     """GoogLeNet's 5x5 convolutions on 3x3 maps: without conv_small_input, XLA:CPU swaps
     image and kernel (dim_labels 01fb_o01i->f01b) and runs them 10x slower."""
     from flaxcnn import models, training
@@ -289,7 +298,7 @@ def test_googlenet_convolutions_keep_their_operands_on_cpu():
     assert "01fb_o01i" not in hlo
 
 
-def test_few_channel_input_gradient_only_on_cpu():
+def test_few_channel_input_gradient_only_on_cpu(xla_convolutions):
     """LeNet's gradient on a CPU: no convolution for the first layer's forward pass
     (conv_one_channel) nor for the second layer's input gradient (conv_few_channels)."""
     from flaxcnn import models
@@ -309,7 +318,7 @@ def test_few_channel_input_gradient_only_on_cpu():
     assert convs == {"cpu": 3, "cuda": 5, "tpu": 5}
 
 
-def test_one_channel_convolution_only_on_cpu():
+def test_one_channel_convolution_only_on_cpu(xla_convolutions):
     """LeNet's first layer is k*k multiply-adds on a CPU; a GPU or TPU keeps its convolution."""
     from flaxcnn import models
 

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxcnn import ops
+from flaxcnn import onednn, ops
 
 Dtype = Any
 ModuleDef = Any
@@ -67,14 +67,29 @@ class Conv(nn.Module):
 _LARGE_1X1 = 26 * 26
 
 
+# oneDNN's convolutions (flaxcnn/onednn.py) for every float32 layer with more than one input
+# channel, when they are built; False keeps XLA's (and the ops paths below) everywhere.
+_ONEDNN = True
+_ONEDNN_MIN_SIDE = 1
+
+
+def _onednn_conv(x, kernel, strides, padding):
+    (sh, sw), (ph, pw) = ops._pairs(strides), ops._pairs(padding)
+    return onednn.conv(x, kernel, (sh, sw), ((ph, ph), (pw, pw)))
+
+
 def _cpu_convolution(x, k: int, strides: int, padding: int):
-    """The convolutions XLA:CPU handles badly, and what flaxcnn runs instead on a CPU (ops.py;
-    the evidence in benchmarks/xla_cpu_study.md), or None for XLA's own."""
-    if strides != 1 or x.dtype != jnp.float32:
+    """The convolutions XLA:CPU handles badly, and what flaxcnn runs instead on a CPU (ops.py,
+    onednn.py; the evidence in benchmarks/xla_cpu_study.md), or None for XLA's own."""
+    if x.dtype != jnp.float32:
         return None
     c, side = x.shape[-1], min(x.shape[1:3])
-    if c == 1 and k <= 5:  # LeNet's and VGG's first layers: one input channel
+    if c == 1 and k <= 5 and strides == 1:  # LeNet's and VGG's first layers: one input channel
         return partial(ops.conv_one_channel, padding=padding)
+    if c > 1 and side >= _ONEDNN_MIN_SIDE and _ONEDNN and onednn.available():
+        return partial(_onednn_conv, strides=strides, padding=padding)
+    if strides != 1:
+        return None
     if side < k and 0 < padding < k:  # GoogLeNet's 5x5 branches on 3x3 maps: operands swapped
         return partial(ops.conv_small_input, padding=padding)
     if k == 1 and padding == 0 and x.shape[1] * x.shape[2] >= _LARGE_1X1:  # NiN's 1x1 layers

@@ -1,0 +1,176 @@
+"""oneDNN convolutions for XLA:CPU, as FFI custom calls (`_onednn.cc`).
+
+jaxlib's XLA:CPU computes convolutions with Eigen kernels, 1.2-1.7x slower than oneDNN's on these
+networks' layers, and its kernel gradients read transposed copies of both operands
+(benchmarks/xla_cpu_study.md). This module compiles `_onednn.cc` against the system's oneDNN
+(Debian: `apt-get install libdnnl-dev`) once per machine, into `~/.cache/flaxcnn` (or
+`$FLAXCNN_CACHE_DIR`), loads it and registers three CPU custom calls; `conv` is a
+differentiable convolution built on them.
+
+It is optional. `available()` is False, and `reason()` says why, when there is no C++ compiler,
+no oneDNN headers, or `FLAXCNN_NO_ONEDNN` is set (any non-empty value but `0`); the models then
+keep XLA's convolution. Only float32 on the CPU takes this path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+OPT_OUT_ENV = "FLAXCNN_NO_ONEDNN"
+SOURCE = Path(__file__).with_name("_onednn.cc")
+TARGETS = {  # custom-call target -> handler symbol in _onednn.cc
+    "flaxcnn_onednn_conv_forward": "FlaxcnnConvForward",
+    "flaxcnn_onednn_conv_backward_data": "FlaxcnnConvBackwardData",
+    "flaxcnn_onednn_conv_backward_weights": "FlaxcnnConvBackwardWeights",
+}
+_HEADER_DIRS = ("/usr/include", "/usr/local/include", sys.prefix + "/include")
+
+
+def _opted_out() -> bool:
+    return os.environ.get(OPT_OUT_ENV, "") not in ("", "0")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("FLAXCNN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flaxcnn")
+    return Path(root) / "onednn"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _dnnl_include() -> str | None:
+    for d in _HEADER_DIRS:
+        if os.path.exists(os.path.join(d, "oneapi", "dnnl", "dnnl.hpp")):
+            return d
+    return None
+
+
+def _command(cxx: str, include: str, out: str) -> list[str]:
+    return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-isystem", jax.ffi.include_dir(),
+            "-I", include, str(SOURCE), "-o", out, "-ldnnl"]
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile `_onednn.cc` (once: the library's name hashes the source, jaxlib's version and
+    the compiler) and return its path. Raises RuntimeError with the compiler's message."""
+    cxx, include = _compiler(), _dnnl_include()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++ or $CXX)")
+    if include is None:
+        raise RuntimeError("no oneDNN headers (oneapi/dnnl/dnnl.hpp; Debian: libdnnl-dev)")
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(" ".join([jax.__version__, jax.lib.__version__, cxx, include]).encode())
+    target = _cache_dir() / f"libflaxcnn_onednn-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: concurrent builds (pytest workers) never load a
+    # half-written library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = _command(cxx, include, tmp)
+        if verbose:
+            print(" ".join(cmd), file=sys.stderr)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr[-4000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+_lock = threading.Lock()
+
+
+@functools.cache
+def _load() -> tuple[bool, str]:
+    with _lock:
+        return _load_locked()
+
+
+def _load_locked() -> tuple[bool, str]:
+    if _opted_out():
+        return False, f"{OPT_OUT_ENV} is set"
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError) as e:
+        return False, str(e)
+    for name, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
+    return True, f"loaded {lib._name}"
+
+
+def available() -> bool:
+    """Whether the oneDNN convolutions are built and registered (builds them on first call)."""
+    return _load()[0]
+
+
+def reason() -> str:
+    """Why `available()` is what it is."""
+    return _load()[1]
+
+
+def _attrs(strides, padding):
+    (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+    return {k: np.int64(v) for k, v in dict(sh=sh, sw=sw, pt=pt, pb=pb, pl=pl, pr=pr).items()}
+
+
+def _call(target, shape, a, b, strides, padding):
+    out = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
+        a, b, **_attrs(strides, padding))
+
+
+def _out_shape(x_shape, k_shape, strides, padding):
+    (n, h, w, _), (kh, kw, _, o) = x_shape, k_shape
+    (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+    return n, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1, o
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv(x, kernel, strides, padding):
+    """`lax.conv_general_dilated(x, kernel, strides, padding, ("NHWC", "HWIO", "NHWC"))` for
+    float32 on a CPU, by oneDNN, forward and backward. `strides` is (sh, sw), `padding`
+    ((top, bottom), (left, right)). Raises RuntimeError where `available()` is False."""
+    if not available():
+        raise RuntimeError(f"flaxcnn's oneDNN convolutions are not available: {reason()}")
+    return _call("flaxcnn_onednn_conv_forward",
+                 _out_shape(x.shape, kernel.shape, strides, padding), x, kernel, strides, padding)
+
+
+def _conv_fwd(x, kernel, strides, padding):
+    return conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_bwd(strides, padding, res, g):
+    x, kernel = res
+    dx = _call("flaxcnn_onednn_conv_backward_data", x.shape, g, kernel, strides, padding)
+    dk = _call("flaxcnn_onednn_conv_backward_weights", kernel.shape, x, g, strides, padding)
+    return dx, dk
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+if __name__ == "__main__":
+    path = build(verbose=True)
+    print(f"built {path}" if available() else f"not available: {reason()}")

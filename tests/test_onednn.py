@@ -1,0 +1,174 @@
+"""oneDNN's convolutions as XLA:CPU custom calls (flaxcnn/onednn.py, flaxcnn/_onednn.cc).
+
+.ci/setup installs oneDNN (Debian's libdnnl-dev) and builds them, so here they must be
+available: a machine without them fails loudly rather than skipping.
+"""
+
+import os
+import subprocess
+import sys
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from flaxcnn import onednn
+
+
+def test_available():
+    assert onednn.available(), onednn.reason()
+
+
+def xla_conv(x, kernel, strides, padding):
+    return lax.conv_general_dilated(x, kernel, strides, padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# (batch, height, width, in, out, kernel, strides, padding): the networks' kinds of layer
+# (strided stems, 1x1 shortcuts, kernels larger than the map) and odd, asymmetric cases.
+GEOMETRIES = [
+    (2, 9, 9, 3, 5, (3, 3), (1, 1), ((1, 1), (1, 1))),
+    (2, 12, 10, 8, 4, (5, 5), (1, 1), ((2, 2), (2, 2))),
+    (2, 11, 11, 16, 8, (1, 1), (2, 2), ((0, 0), (0, 0))),
+    (1, 23, 23, 4, 6, (7, 7), (2, 2), ((3, 3), (3, 3))),
+    (1, 25, 21, 2, 3, (11, 11), (4, 4), ((1, 1), (1, 1))),
+    (3, 3, 3, 6, 7, (5, 5), (1, 1), ((2, 2), (2, 2))),
+    (2, 8, 7, 5, 3, (3, 2), (2, 1), ((0, 2), (1, 0))),
+]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_conv_and_gradients_equal_xla(geometry):
+    """Output, input gradient and kernel gradient within float32 rounding of XLA's convolution
+    (sums in another order)."""
+    n, h, w, c, o, k, strides, padding = geometry
+    kx, kk, kg = jax.random.split(jax.random.key(sum(map(hash, map(str, geometry))) % 1000), 3)
+    x = jax.random.normal(kx, (n, h, w, c))
+    kernel = jax.random.normal(kk, (*k, c, o))
+    ours = jax.jit(partial(onednn.conv, strides=strides, padding=padding))
+    ref = partial(xla_conv, strides=strides, padding=padding)
+    y, vjp = jax.vjp(ours, x, kernel)
+    y_ref, vjp_ref = jax.vjp(ref, x, kernel)
+    assert y.shape == y_ref.shape
+    g = jax.random.normal(kg, y.shape)
+    for got, want in zip((y, *vjp(g)), (y_ref, *vjp_ref(g)), strict=True):
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(got, want, atol=2e-6 * scale, rtol=0)
+
+
+def test_conv_under_vmap_and_second_call_reuses_primitives():
+    """vmap maps the custom calls one slice at a time; a second shape compiles its own
+    primitives and the first keeps working."""
+    x = jax.random.normal(jax.random.key(0), (3, 2, 6, 6, 4))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
+    conv = partial(onednn.conv, strides=(1, 1), padding=((1, 1), (1, 1)))
+    got = jax.vmap(conv, in_axes=(0, None))(x, kernel)
+    want = jnp.stack([xla_conv(xi, kernel, (1, 1), ((1, 1), (1, 1))) for xi in x])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(conv(x[0, :1], kernel), want[0, :1], atol=1e-5)
+
+
+def test_models_take_onednn_on_cpu_only():
+    """ResNet-18's gradient: on a CPU every convolution with more than one input channel is a
+    oneDNN custom call (the one-channel stem stays XLA's); CUDA and TPU programs keep XLA's
+    convolutions and hold no custom call."""
+    from jax import export
+
+    from flaxcnn import models
+
+    model = models.create("resnet18")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)), train=False)
+
+    def loss(params, x):
+        v = {"params": params, "batch_stats": variables["batch_stats"]}
+        return model.apply(v, x, train=True, mutable=["batch_stats"])[0].sum()
+
+    checks = [export.DisabledSafetyCheck.custom_call(t) for t in onednn.TARGETS]
+    args = (variables["params"], jnp.zeros((2, 32, 32, 1)))
+    text = {p: export.export(jax.jit(jax.grad(loss)), platforms=[p], disabled_checks=checks)(
+        *args).mlir_module() for p in ("cpu", "cuda", "tpu")}
+    # 20 convolutions: the stem (forward, kernel gradient) and 19 others (three passes each)
+    assert text["cpu"].count("stablehlo.convolution") == 2
+    for t, count in zip(onednn.TARGETS, (19, 19, 19), strict=True):
+        assert text["cpu"].count(f"custom_call @{t}(") == count
+    for p in ("cuda", "tpu"):
+        assert text[p].count("stablehlo.convolution") == 20 + 19 + 20
+        assert "flaxcnn_onednn" not in text[p]
+
+
+def test_model_gradients_equal_with_and_without_onednn(monkeypatch):
+    """DenseNet's loss and gradients (BatchNorm, concatenations, 1x1 and strided layers) are the
+    same, within float32 rounding, with oneDNN's convolutions and with XLA's."""
+    from flaxcnn import models
+    from flaxcnn.models import layers
+
+    model = models.create("densenet")
+    x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 1))
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    def loss(params):
+        v = {"params": params, "batch_stats": variables["batch_stats"]}
+        return model.apply(v, x, train=True, mutable=["batch_stats"])[0].sum()
+
+    got = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    monkeypatch.setattr(layers, "_ONEDNN", False)
+    want = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    # Some leaves are zero up to rounding (a bias before BatchNorm): one scale for all.
+    scale = max(float(jnp.max(jnp.abs(r))) for r in jax.tree.leaves(want))
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, r, rtol=2e-4, atol=1e-5 * scale)
+
+
+def test_opt_out_keeps_xla(tmp_path):
+    """FLAXCNN_NO_ONEDNN: not available, says why, and the models still train on XLA's
+    convolutions."""
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from flaxcnn import models, onednn, training\n"
+        "assert not onednn.available() and 'FLAXCNN_NO_ONEDNN' in onednn.reason()\n"
+        "m = models.create('lenet_bn')\n"
+        "s = training.create_train_state(m, jax.random.key(0), 28, training.sgd(0.9))\n"
+        "f = jax.jit(training.train_step)\n"
+        "txt = f.lower(s, jnp.zeros((2, 28, 28, 1)), jnp.zeros(2, jnp.int32)).as_text()\n"
+        "assert 'flaxcnn_onednn' not in txt\n"
+        "print('ok')\n")
+    env = dict(os.environ, FLAXCNN_NO_ONEDNN="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"
+
+
+def test_build_errors_name_what_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(onednn, "_HEADER_DIRS", (str(tmp_path),))
+    with pytest.raises(RuntimeError, match="no oneDNN headers"):
+        onednn.build()
+    monkeypatch.setattr(onednn, "_compiler", lambda: None)
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        onednn.build()
+
+
+def test_concurrent_convolutions_in_googlenet(monkeypatch):
+    """XLA:CPU runs independent custom calls at the same time (GoogLeNet's four branches), so
+    each call uses its own thread's scratch memory. With oneDNN's shared scratchpad the second
+    training step here crashed. Three steps give the losses of XLA's convolutions."""
+    from flaxcnn import models, training
+    from flaxcnn.models import layers
+
+    model = models.create("googlenet")
+    x = jax.random.uniform(jax.random.key(1), (16, 32, 32, 1))
+    y = jnp.arange(16, dtype=jnp.int32) % 10
+
+    def losses():
+        state = training.create_train_state(model, jax.random.key(0), 32, training.sgd(0.1))
+        step, out = jax.jit(training.train_step), []
+        for _ in range(3):
+            state, m = step(state, x, y)
+            out.append(float(m["loss"]))
+        return np.array(out)
+
+    got = losses()
+    monkeypatch.setattr(layers, "_ONEDNN", False)
+    np.testing.assert_allclose(got, losses(), rtol=1e-4)
