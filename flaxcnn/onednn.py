@@ -85,8 +85,9 @@ def build(verbose: bool = False) -> Path:
     os.close(fd)
     try:
         cmd = _command(cxx, include, tmp)
-        if verbose:
-            print(" ".join(cmd), file=sys.stderr)
+        print(" ".join(cmd) if verbose else
+              f"flaxcnn: compiling oneDNN's convolutions into {target.parent} (once, ~10 s)",
+              file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr[-4000:]}")
