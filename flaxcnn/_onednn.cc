@@ -15,6 +15,7 @@
 #include <array>
 #include <cstdint>
 #include <cstdlib>
+#include <exception>
 #include <new>
 #include <map>
 #include <memory>
@@ -193,6 +194,8 @@ ffi::Error Run(int pass, float* src, float* weights, float* dst, ffi::Span<const
     return ffi::Error::Internal(std::string("flaxcnn oneDNN convolution: ") + e.what());
   } catch (const std::bad_alloc&) {
     return ffi::Error::Internal("flaxcnn oneDNN convolution: out of memory");
+  } catch (const std::exception& e) {  // nothing may cross the FFI boundary
+    return ffi::Error::Internal(std::string("flaxcnn oneDNN convolution: ") + e.what());
   }
   return ffi::Error::Success();
 }

@@ -65,18 +65,25 @@ def _command(cxx: str, include: str, out: str) -> list[str]:
             "-I", include, str(SOURCE), "-o", out, "-ldnnl"]
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile `_onednn.cc` (once: the library's name hashes the source, jaxlib's version and
-    the compiler) and return its path. Raises RuntimeError with the compiler's message."""
+def build(verbose: bool = False, force: bool = False) -> Path:
+    """Compile `_onednn.cc` once (`force`: again) and return the library's path. Raises
+    RuntimeError with the compiler's message, or naming what is missing."""
     cxx, include = _compiler(), _dnnl_include()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++ or $CXX)")
     if include is None:
         raise RuntimeError("no oneDNN headers (oneapi/dnnl/dnnl.hpp; Debian: libdnnl-dev)")
+    # The library's name hashes everything it depends on: the source, the compile command,
+    # jaxlib (the FFI headers) and the installed oneDNN's version and configuration headers.
     digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(" ".join([jax.__version__, jax.lib.__version__, cxx, include]).encode())
+    digest.update(" ".join([jax.__version__, jax.lib.__version__,
+                            *_command(cxx, include, "OUT")]).encode())
+    for header in ("dnnl_version.h", "dnnl_config.h"):
+        path = os.path.join(include, "oneapi", "dnnl", header)
+        if os.path.exists(path):
+            digest.update(Path(path).read_bytes())
     target = _cache_dir() / f"libflaxcnn_onednn-{digest.hexdigest()[:16]}.so"
-    if target.exists():
+    if target.exists() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name and renamed: concurrent builds (pytest workers) never load a
@@ -99,19 +106,26 @@ def build(verbose: bool = False) -> Path:
 
 
 _lock = threading.Lock()
+_loaded: tuple[bool, str] | None = None
 
 
-@functools.cache
 def _load() -> tuple[bool, str]:
+    """Build (if needed), load and register once per process, whichever thread asks first."""
+    global _loaded
     with _lock:
-        return _load_locked()
+        if _loaded is None:
+            _loaded = _load_locked()
+        return _loaded
 
 
 def _load_locked() -> tuple[bool, str]:
     if _opted_out():
         return False, f"{OPT_OUT_ENV} is set"
     try:
-        lib = ctypes.CDLL(str(build()))
+        try:
+            lib = ctypes.CDLL(str(build()))
+        except OSError:  # a cached library that no longer loads (oneDNN replaced): rebuild
+            lib = ctypes.CDLL(str(build(force=True)))
     except (RuntimeError, OSError) as e:
         return False, str(e)
     for name, symbol in TARGETS.items():
@@ -172,6 +186,6 @@ def _conv_bwd(strides, padding, res, g):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-if __name__ == "__main__":
-    path = build(verbose=True)
-    print(f"built {path}" if available() else f"not available: {reason()}")
+if __name__ == "__main__":  # what .ci/setup runs: build now, say whether it worked, never fail
+    print(f"oneDNN convolutions: {reason()}" if available()
+          else f"oneDNN convolutions not available, XLA's are used: {reason()}")

@@ -40,12 +40,12 @@ GEOMETRIES = [
 ]
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
-def test_conv_and_gradients_equal_xla(geometry):
+@pytest.mark.parametrize("case", range(len(GEOMETRIES)), ids=lambda i: str(GEOMETRIES[i]))
+def test_conv_and_gradients_equal_xla(case):
     """Output, input gradient and kernel gradient within float32 rounding of XLA's convolution
     (sums in another order)."""
-    n, h, w, c, o, k, strides, padding = geometry
-    kx, kk, kg = jax.random.split(jax.random.key(sum(map(hash, map(str, geometry))) % 1000), 3)
+    n, h, w, c, o, k, strides, padding = GEOMETRIES[case]
+    kx, kk, kg = jax.random.split(jax.random.key(case), 3)
     x = jax.random.normal(kx, (n, h, w, c))
     kernel = jax.random.normal(kk, (*k, c, o))
     ours = jax.jit(partial(onednn.conv, strides=strides, padding=padding))
@@ -69,6 +69,7 @@ def test_conv_under_vmap_and_second_call_reuses_primitives():
     want = jnp.stack([xla_conv(xi, kernel, (1, 1), ((1, 1), (1, 1))) for xi in x])
     np.testing.assert_allclose(got, want, atol=1e-5)
     np.testing.assert_allclose(conv(x[0, :1], kernel), want[0, :1], atol=1e-5)
+    np.testing.assert_allclose(jax.vmap(conv, in_axes=(0, None))(x, kernel), want, atol=1e-5)
 
 
 def test_models_take_onednn_on_cpu_only():
@@ -80,7 +81,8 @@ def test_models_take_onednn_on_cpu_only():
     from flaxcnn import models
 
     model = models.create("resnet18")
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)), train=False)
+    variables = jax.jit(partial(model.init, train=False))(jax.random.key(0),
+                                                          jnp.zeros((1, 32, 32, 1)))
 
     def loss(params, x):
         v = {"params": params, "batch_stats": variables["batch_stats"]}
@@ -107,7 +109,7 @@ def test_model_gradients_equal_with_and_without_onednn(monkeypatch):
 
     model = models.create("densenet")
     x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 1))
-    variables = model.init(jax.random.key(0), x, train=False)
+    variables = jax.jit(partial(model.init, train=False))(jax.random.key(0), x)
 
     def loss(params):
         v = {"params": params, "batch_stats": variables["batch_stats"]}
@@ -150,25 +152,29 @@ def test_build_errors_name_what_is_missing(monkeypatch, tmp_path):
         onednn.build()
 
 
-def test_concurrent_convolutions_in_googlenet(monkeypatch):
+def test_concurrent_convolutions_in_googlenet():
     """XLA:CPU runs independent custom calls at the same time (GoogLeNet's four branches), so
     each call uses its own thread's scratch memory. With oneDNN's shared scratchpad the second
-    training step here crashed. Three steps give the losses of XLA's convolutions."""
+    training step here crashed (checked against that build; the test bites only where XLA
+    overlaps the branches, as on this 2-core machine). Shared scratch memory would also make the
+    steps nondeterministic: the same three steps from the same state, run twice, must give the
+    same losses, and learn."""
     from flaxcnn import models, training
-    from flaxcnn.models import layers
 
     model = models.create("googlenet")
     x = jax.random.uniform(jax.random.key(1), (16, 32, 32, 1))
     y = jnp.arange(16, dtype=jnp.int32) % 10
+    step = jax.jit(training.train_step)
+    init = jax.jit(lambda: training.create_train_state(model, jax.random.key(0), 32,
+                                                       training.sgd(0.1)))
 
     def losses():
-        state = training.create_train_state(model, jax.random.key(0), 32, training.sgd(0.1))
-        step, out = jax.jit(training.train_step), []
+        state, out = init(), []
         for _ in range(3):
             state, m = step(state, x, y)
             out.append(float(m["loss"]))
-        return np.array(out)
+        return out
 
-    got = losses()
-    monkeypatch.setattr(layers, "_ONEDNN", False)
-    np.testing.assert_allclose(got, losses(), rtol=1e-4)
+    first = losses()
+    assert losses() == first
+    assert np.all(np.isfinite(first)) and first[-1] < first[0], first

@@ -69,6 +69,7 @@ _LARGE_1X1 = 26 * 26
 
 # oneDNN's convolutions (flaxcnn/onednn.py) for every float32 layer with more than one input
 # channel, when they are built; False keeps XLA's (and the ops paths below) everywhere.
+# _ONEDNN_MIN_SIDE: only on maps at least this large (1: all; the study's dnnl6/dnnl12 runs).
 _ONEDNN = True
 _ONEDNN_MIN_SIDE = 1
 
@@ -86,7 +87,10 @@ def _cpu_convolution(x, k: int, strides: int, padding: int):
     c, side = x.shape[-1], min(x.shape[1:3])
     if c == 1 and k <= 5 and strides == 1:  # LeNet's and VGG's first layers: one input channel
         return partial(ops.conv_one_channel, padding=padding)
-    if c > 1 and side >= _ONEDNN_MIN_SIDE and _ONEDNN and onednn.available():
+    # (only where the CPU is JAX's default backend: elsewhere the CPU branch is never lowered,
+    # and building the library there would be wasted)
+    if (c > 1 and side >= _ONEDNN_MIN_SIDE and _ONEDNN and jax.default_backend() == "cpu"
+            and onednn.available()):
         return partial(_onednn_conv, strides=strides, padding=padding)
     if strides != 1:
         return None
