@@ -60,9 +60,10 @@ def _dnnl_include() -> str | None:
     return None
 
 
-def _command(cxx: str, include: str, out: str) -> list[str]:
-    return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-isystem", jax.ffi.include_dir(),
-            "-I", include, str(SOURCE), "-o", out, "-ldnnl"]
+def _command(cxx: str, include: str, out: str, source: str = str(SOURCE),
+             ffi_include: str | None = None) -> list[str]:
+    return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-isystem",
+            ffi_include or jax.ffi.include_dir(), "-I", include, source, "-o", out, "-ldnnl"]
 
 
 def build(verbose: bool = False, force: bool = False) -> Path:
@@ -76,8 +77,9 @@ def build(verbose: bool = False, force: bool = False) -> Path:
     # The library's name hashes everything it depends on: the source, the compile command,
     # jaxlib (the FFI headers) and the installed oneDNN's version and configuration headers.
     digest = hashlib.sha256(SOURCE.read_bytes())
+    # (paths that differ between checkouts and venvs are left out: their contents are hashed)
     digest.update(" ".join([jax.__version__, jax.lib.__version__,
-                            *_command(cxx, include, "OUT")]).encode())
+                            *_command(cxx, include, "OUT", "SOURCE", "FFI")]).encode())
     for header in ("dnnl_version.h", "dnnl_config.h"):
         path = os.path.join(include, "oneapi", "dnnl", header)
         if os.path.exists(path):
