@@ -107,12 +107,13 @@ class JaxSide:
             self.state, self.x, self.y).compile()
         self.train_compile_s = time.perf_counter() - t
         t = time.perf_counter()
-        self.infer = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
-            self.eval_vars, self.x).compile()
+        def infer(v, x):
+            return model.apply(v, x, train=False)
+
+        self.infer = jax.jit(infer).lower(self.eval_vars, self.x).compile()
         self.infer_compile_s = time.perf_counter() - t
         self.train_flops = harness.model_flops(training.train_step, self.state, self.x, self.y)
-        self.infer_flops = harness.model_flops(lambda v, x: model.apply(v, x, train=False),
-                                               self.eval_vars, self.x)
+        self.infer_flops = harness.model_flops(infer, self.eval_vars, self.x)
         self.train_memory_plan = harness.xla_memory(self.train)
         self.infer_memory_plan = harness.xla_memory(self.infer)
 

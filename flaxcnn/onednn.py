@@ -60,13 +60,15 @@ def _dnnl_include() -> str | None:
     return None
 
 
-def _command(cxx: str, include: str, out: str, source: str = str(SOURCE),
-             ffi_include: str | None = None) -> list[str]:
-    return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-isystem",
-            ffi_include or jax.ffi.include_dir(), "-I", include, source, "-o", out, "-ldnnl"]
+_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
 
 
-def build(verbose: bool = False, force: bool = False) -> Path:
+def _command(cxx: str, include: str, out: str) -> list[str]:
+    return [cxx, *_FLAGS, "-isystem", jax.ffi.include_dir(), "-I", include, str(SOURCE),
+            "-o", out, "-ldnnl"]
+
+
+def build(force: bool = False) -> Path:
     """Compile `_onednn.cc` once (`force`: again) and return the library's path. Raises
     RuntimeError with the compiler's message, or naming what is missing."""
     cxx, include = _compiler(), _dnnl_include()
@@ -77,9 +79,8 @@ def build(verbose: bool = False, force: bool = False) -> Path:
     # The library's name hashes everything it depends on: the source, the compile command,
     # jaxlib (the FFI headers) and the installed oneDNN's version and configuration headers.
     digest = hashlib.sha256(SOURCE.read_bytes())
-    # (paths that differ between checkouts and venvs are left out: their contents are hashed)
-    digest.update(" ".join([jax.__version__, jax.lib.__version__,
-                            *_command(cxx, include, "OUT", "SOURCE", "FFI")]).encode())
+    # (not the paths, which differ between checkouts and venvs: their contents are hashed)
+    digest.update(" ".join([jax.__version__, jax.lib.__version__, cxx, *_FLAGS]).encode())
     for header in ("dnnl_version.h", "dnnl_config.h"):
         path = os.path.join(include, "oneapi", "dnnl", header)
         if os.path.exists(path):
@@ -94,8 +95,7 @@ def build(verbose: bool = False, force: bool = False) -> Path:
     os.close(fd)
     try:
         cmd = _command(cxx, include, tmp)
-        print(" ".join(cmd) if verbose else
-              f"flaxcnn: compiling oneDNN's convolutions into {target.parent} (once, ~10 s)",
+        print(f"flaxcnn: compiling oneDNN's convolutions into {target.parent} (once, ~10 s)",
               file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
