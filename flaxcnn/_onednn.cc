@@ -97,26 +97,42 @@ std::shared_ptr<Conv> MakeConv(const Key& k) {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto algo = dnnl::algorithm::convolution_direct;
+#if DNNL_VERSION_MAJOR >= 3  // oneDNN 3 dropped the operation descriptors
+  dnnl::convolution_forward::primitive_desc fwd(eng, dnnl::prop_kind::forward_training, algo,
+                                                c->src, any, c->dst, strides, pad_l, pad_r,
+                                                attr);
+#else
   dnnl::convolution_forward::primitive_desc fwd(
       dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, algo, c->src, any,
                                       c->dst, strides, pad_l, pad_r),
       attr, eng);
+#endif
   if (k.pass == kForward) {
     c->weights = fwd.weights_desc();
     c->scratchpad = fwd.scratchpad_desc();
     c->primitive = dnnl::convolution_forward(fwd);
   } else if (k.pass == kBackwardData) {
+#if DNNL_VERSION_MAJOR >= 3
+    dnnl::convolution_backward_data::primitive_desc bwd(eng, algo, c->src, any, c->dst, strides,
+                                                        pad_l, pad_r, fwd, attr);
+#else
     dnnl::convolution_backward_data::primitive_desc bwd(
         dnnl::convolution_backward_data::desc(algo, c->src, any, c->dst, strides, pad_l, pad_r),
         attr, eng, fwd);
+#endif
     c->weights = bwd.weights_desc();
     c->scratchpad = bwd.scratchpad_desc();
     c->primitive = dnnl::convolution_backward_data(bwd);
   } else {
+#if DNNL_VERSION_MAJOR >= 3
+    dnnl::convolution_backward_weights::primitive_desc bwd(eng, algo, c->src, any, c->dst,
+                                                           strides, pad_l, pad_r, fwd, attr);
+#else
     dnnl::convolution_backward_weights::primitive_desc bwd(
         dnnl::convolution_backward_weights::desc(algo, c->src, any, c->dst, strides, pad_l,
                                                  pad_r),
         attr, eng, fwd);
+#endif
     c->weights = bwd.diff_weights_desc();
     c->scratchpad = bwd.scratchpad_desc();
     c->primitive = dnnl::convolution_backward_weights(bwd);
