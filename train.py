@@ -200,4 +200,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # glibc's huge pages for XLA's per-step temporaries: restarts once (flaxcnn/cpu.py)
+    flaxcnn.cpu.reexec_with_huge_pages()
     sys.exit(main())

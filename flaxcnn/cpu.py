@@ -12,6 +12,9 @@ yourself. The evidence for each default is in `benchmarks/xla_cpu_study.md`.
 If JAX's backend already exists when `flaxcnn` is first imported, the defaults cannot take effect
 any more; `apply_defaults` then changes nothing and says so in `STATUS` (and in a warning when
 the backend is a CPU and the defaults are missing).
+
+`reexec_with_huge_pages`, which train.py and the benchmarks call first, restarts the process
+with glibc's `glibc.malloc.hugetlb=1` tunable where it helps (see there).
 """
 
 from __future__ import annotations
@@ -128,3 +131,61 @@ def active_flags() -> dict[str, str]:
         if name:
             out[name] = token.split("=", 1)[1] if "=" in token else "true"
     return out
+
+
+
+HUGE_PAGES_OPT_OUT_ENV = "FLAXCNN_NO_HUGE_PAGES"
+HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def huge_page_malloc(environ=None) -> str:
+    """Whether glibc's malloc backs its large blocks with transparent huge pages here:
+    "active" (GLIBC_TUNABLES has `glibc.malloc.hugetlb=1` or 2), "user-set" (another value),
+    "missing" (it could, and `reexec_with_huge_pages` would set it), "thp-always" (the kernel
+    gives every large mapping huge pages already), "opted-out", or why it cannot
+    ("not-glibc", "old-glibc", "no-thp")."""
+    environ = os.environ if environ is None else environ
+    for tunable in environ.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, value = tunable.partition("=")
+        if name == "glibc.malloc.hugetlb":  # the user's, or ours after the restart
+            return "active" if value in ("1", "2") else "user-set"
+    if environ.get(HUGE_PAGES_OPT_OUT_ENV, "").strip().lower() not in ("", "0", "false", "no"):
+        return "opted-out"
+    try:
+        libc, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # "glibc 2.36"
+    except (AttributeError, ValueError, OSError):
+        libc = version = ""
+    if sys.platform != "linux" or libc != "glibc":
+        return "not-glibc"
+    if tuple(int(v) for v in version.split(".")[:2]) < (2, 35):  # the tunable's first release
+        return "old-glibc"
+    try:
+        with open(_THP_SETTING) as f:
+            setting = f.read()
+    except OSError:
+        return "no-thp"
+    if "[always]" in setting:
+        return "thp-always"
+    return "missing" if "[madvise]" in setting else "no-thp"
+
+
+def reexec_with_huge_pages(environ=None) -> None:
+    """Restarts this Python process with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` when
+    `huge_page_malloc` says "missing"; returns (doing nothing) otherwise.
+
+    XLA:CPU allocates a step's temporaries as one block (DenseNet's training step at batch 32:
+    238 MiB), which glibc maps afresh for every step and unmaps after it: 61,000 page faults
+    and 0.12 s of system time per DenseNet step on a 2-core EPYC, a third of the step. With
+    huge pages the same block takes about 500 faults. glibc reads the tunable only when a
+    process starts, so the CLIs (train.py, the benchmarks) call this first thing. Opt out with
+    FLAXCNN_NO_HUGE_PAGES=1 (benchmarks/malloc_study.py has the evidence)."""
+    environ = os.environ if environ is None else environ
+    if huge_page_malloc(environ) != "missing":
+        return
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    environ["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGE_TUNABLE}" if tunables else HUGE_PAGE_TUNABLE
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # the same command line, interpreter options included
+    os.execve(sys.executable, sys.orig_argv, environ)

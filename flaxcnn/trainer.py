@@ -306,10 +306,13 @@ class Run:
             label += f" (x{len(self.devices)}"
             label += f", {self.processes} processes)" if self.processes > 1 else ")"
         if self.devices[0].platform == "cpu":  # which convolution kernels the step runs
-            from flaxcnn import onednn
+            from flaxcnn import cpu, onednn
 
-            label += (" (oneDNN convolutions)" if onednn.available()
-                      else f" (XLA's convolutions: {onednn.reason().splitlines()[0][:120]})")
+            label += (" (oneDNN convolutions" if onednn.available()
+                      else f" (XLA's convolutions: {onednn.reason().splitlines()[0][:120]}")
+            pages = cpu.huge_page_malloc()  # see cpu.reexec_with_huge_pages
+            label += ("; huge pages)" if pages in ("active", "thp-always")
+                      else f"; no huge pages: {pages})")
         return label
 
     # -- data ------------------------------------------------------------------------------

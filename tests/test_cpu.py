@@ -96,3 +96,76 @@ def test_defaults_reach_the_compiler(opt_out):
     out = probe({cpu.OPT_OUT_ENV: "1"} if opt_out else {}, "--compile")
     # With the defaults, convolutions are XLA's own, not YNNPACK fusions.
     assert out["conv_fused"] == opt_out
+
+
+# ---------------------------------------------------------------- glibc huge pages (restart)
+
+HUGE_PROBE = """
+import json, os
+import numpy as np
+from flaxcnn import cpu
+before = os.environ.get("FLAXCNN_PROBE_RUNS", "")
+os.environ["FLAXCNN_PROBE_RUNS"] = before + "x"  # counts the runs of this code
+cpu.reexec_with_huge_pages()
+a = np.ones(64 << 18, np.float32)  # 64 MiB: glibc maps it on its own
+eligible = None
+with open("/proc/self/smaps") as f:
+    inside = False
+    for line in f:
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= a.ctypes.data < hi
+        elif inside and head == "THPeligible:":
+            eligible = int(line.split()[1])
+print(json.dumps({"runs": os.environ["FLAXCNN_PROBE_RUNS"], "eligible": eligible,
+                  "tunables": os.environ.get("GLIBC_TUNABLES", ""),
+                  "status": cpu.huge_page_malloc()}))
+"""
+
+
+def huge_probe(env_update):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", cpu.HUGE_PAGES_OPT_OUT_ENV, "FLAXCNN_PROBE_RUNS")}
+    env.update(env_update)
+    res = subprocess.run([sys.executable, "-c", HUGE_PROBE], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def here():
+    """What `huge_page_malloc` says for a process started without any of the settings."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", cpu.HUGE_PAGES_OPT_OUT_ENV)}
+    return cpu.huge_page_malloc(env)
+
+
+def test_huge_page_status_reads_the_environment():
+    assert cpu.huge_page_malloc({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) == "active"
+    assert cpu.huge_page_malloc({"GLIBC_TUNABLES": "a.b=1:glibc.malloc.hugetlb=2"}) == "active"
+    assert cpu.huge_page_malloc({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == "user-set"
+    assert cpu.huge_page_malloc({cpu.HUGE_PAGES_OPT_OUT_ENV: "1"}) == "opted-out"
+    assert cpu.huge_page_malloc({cpu.HUGE_PAGES_OPT_OUT_ENV: "0"}) == here()
+
+
+def test_restart_gives_large_blocks_huge_pages():
+    status = here()
+    out = huge_probe({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=2048"})
+    if status == "missing":  # this machine's case: the kernel's THP setting is "madvise"
+        assert out["runs"] == "xx"  # the code ran twice: once before the restart, once after
+        # the user's own tunables kept, the huge pages added
+        assert out["tunables"] == "glibc.rtld.optional_static_tls=2048:glibc.malloc.hugetlb=1"
+        assert out["status"] == "active"
+        assert out["eligible"] == 1
+    else:  # nothing to gain (or possible) here: no restart
+        assert out["runs"] == "x"
+
+
+def test_no_restart_when_opted_out_or_already_set():
+    out = huge_probe({cpu.HUGE_PAGES_OPT_OUT_ENV: "1"})
+    assert (out["runs"], out["tunables"]) == ("x", "")
+    if here() == "missing":
+        assert out["eligible"] == 0  # glibc's default: small pages
+    out = huge_probe({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert (out["runs"], out["tunables"]) == ("x", "glibc.malloc.hugetlb=0")
