@@ -585,7 +585,7 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = False
 
     if args.device == "cpu":
-        kind = f"cpu-{harness.slug(harness.cpu_model())}-{args.threads_used}t"
+        kind = harness.cpu_device_kind(args.threads_used)
     else:
         kind = "gpu-" + harness.slug(torch.cuda.get_device_name())
     if args.dtype != "float32":

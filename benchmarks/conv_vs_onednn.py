@@ -252,7 +252,7 @@ def main(argv=None):
     def log(msg):
         print(msg, flush=True)
 
-    kind = f"cpu-{harness.slug(harness.cpu_model())}-{threads}t"
+    kind = harness.cpu_device_kind(threads)
     steps = step_times(Path(args.out_dir), kind)
     report = {
         "device_kind": kind, "date": time.strftime("%Y-%m-%d %H:%M %Z"),

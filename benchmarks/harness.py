@@ -131,6 +131,11 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def cpu_device_kind(threads: int) -> str:
+    """The results files' name for this CPU at `threads` threads, e.g. cpu-amd-epyc-2t."""
+    return f"cpu-{slug(cpu_model())}-{threads}t"
+
+
 # ----------------------------------------------------------------------------- timing
 
 def summarize(samples: list[float], scale: float = 1.0) -> dict:

@@ -66,7 +66,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, help="default: 32, LeNet-BN 256 (as bench_vs_torch)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--out-dir", default=str(harness.ROOT / "benchmarks" / "results"))
+    p.add_argument("--out-dir", default=str(harness.RESULTS))
     p.add_argument("--child", nargs=3, metavar=("NETWORK", "BATCH", "STEPS"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -79,7 +79,7 @@ def main(argv=None):
     if cpu.huge_page_malloc() == "thp-always":
         sys.exit("the kernel gives every large mapping huge pages here: nothing to compare")
     info = harness.machine_info(os.cpu_count() or 1)
-    info["device_kind"] = f"cpu-{harness.slug(harness.cpu_model())}-{os.cpu_count()}t"
+    info["device_kind"] = harness.cpu_device_kind(os.cpu_count())
     info["date"] = time.strftime("%Y-%m-%d %H:%M %Z")
     rows = []
     for net in args.networks:

@@ -79,8 +79,8 @@ def merge_flags(xla_flags: str, defaults: dict[str, str] | None = None) -> str:
     return " ".join([xla_flags.strip(), *extra]).strip()
 
 
-def _opted_out(environ) -> bool:
-    value = environ.get(OPT_OUT_ENV, "").strip().lower()
+def _opted_out(environ, name: str = OPT_OUT_ENV) -> bool:
+    value = environ.get(name, "").strip().lower()
     return value not in ("", "0", "false", "no")
 
 
@@ -133,7 +133,6 @@ def active_flags() -> dict[str, str]:
     return out
 
 
-
 HUGE_PAGES_OPT_OUT_ENV = "FLAXCNN_NO_HUGE_PAGES"
 HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
@@ -150,7 +149,7 @@ def huge_page_malloc(environ=None) -> str:
         name, _, value = tunable.partition("=")
         if name == "glibc.malloc.hugetlb":  # the user's, or ours after the restart
             return "active" if value in ("1", "2") else "user-set"
-    if environ.get(HUGE_PAGES_OPT_OUT_ENV, "").strip().lower() not in ("", "0", "false", "no"):
+    if _opted_out(environ, HUGE_PAGES_OPT_OUT_ENV):
         return "opted-out"
     try:
         libc, version = os.confstr("CS_GNU_LIBC_VERSION").split()  # "glibc 2.36"

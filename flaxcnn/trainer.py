@@ -305,7 +305,7 @@ class Run:
         if len(self.devices) > 1:
             label += f" (x{len(self.devices)}"
             label += f", {self.processes} processes)" if self.processes > 1 else ")"
-        if self.devices[0].platform == "cpu":  # which convolution kernels the step runs
+        if self.devices[0].platform == "cpu":  # the step's convolution kernels and pages
             from flaxcnn import cpu, onednn
 
             label += (" (oneDNN convolutions" if onednn.available()
