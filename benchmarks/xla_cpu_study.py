@@ -80,6 +80,8 @@ CONFIGS = {
     "R+pool+dnnl6": (RED, True, "step", "dnnl6"),
     "R+pool+dnnl12": (RED, True, "step", "dnnl12"),
     "R+pool+dnnl24": (RED, True, "step", "dnnl24"),
+    "R+pool+xlastem": (RED, True, "step", "xlastem"),
+    "infer: R+pool+xlastem": (RED, True, "infer", "xlastem"),
     "infer: R+pool+xlaconv": (RED, True, "infer", "xlaconv"),
     "R+pool+poolfuse": (RED, True, "step", "poolfuse"),
     "R+pool+convfew": (RED, True, "step", "convfew"),
@@ -181,6 +183,8 @@ def build(name, batch, side, config, k_scan):
         "dnnl6": {"layers._ONEDNN_MIN_SIDE": 6},
         "dnnl12": {"layers._ONEDNN_MIN_SIDE": 12},
         "dnnl24": {"layers._ONEDNN_MIN_SIDE": 24},
+        # the strided one-channel stems back to XLA's convolution
+        "xlastem": {"layers._ONEDNN_STEMS": False},
         # the CPU convolution paths undone, each back to XLA's convolution or fusion
         "conv1ch": {"conv_one_channel": xla_stride1},
         "convfew": {"conv_few_channels": xla_stride1},

@@ -35,6 +35,7 @@ GEOMETRIES = [
     (2, 11, 11, 16, 8, (1, 1), (2, 2), ((0, 0), (0, 0))),
     (1, 23, 23, 4, 6, (7, 7), (2, 2), ((3, 3), (3, 3))),
     (1, 25, 21, 2, 3, (11, 11), (4, 4), ((1, 1), (1, 1))),
+    (2, 27, 27, 1, 4, (11, 11), (4, 4), ((1, 1), (1, 1))),  # a one-channel stem
     (3, 3, 3, 6, 7, (5, 5), (1, 1), ((2, 2), (2, 2))),
     (2, 8, 7, 5, 3, (3, 2), (2, 1), ((0, 2), (1, 0))),
 ]
@@ -73,9 +74,9 @@ def test_conv_under_vmap_and_second_call_reuses_primitives():
 
 
 def test_models_take_onednn_on_cpu_only():
-    """ResNet-18's gradient: on a CPU every convolution with more than one input channel is a
-    oneDNN custom call (the one-channel stem stays XLA's); CUDA and TPU programs keep XLA's
-    convolutions and hold no custom call."""
+    """ResNet-18's gradient: on a CPU every convolution, the strided one-channel stem too, is a
+    oneDNN custom call; CUDA and TPU programs keep XLA's convolutions and hold no custom
+    call."""
     from jax import export
 
     from flaxcnn import models
@@ -93,8 +94,8 @@ def test_models_take_onednn_on_cpu_only():
     text = {p: export.export(jax.jit(jax.grad(loss)), platforms=[p], disabled_checks=checks)(
         *args).mlir_module() for p in ("cpu", "cuda", "tpu")}
     # 20 convolutions: the stem (forward, kernel gradient) and 19 others (three passes each)
-    assert text["cpu"].count("stablehlo.convolution") == 2
-    for t, count in zip(onednn.TARGETS, (19, 19, 19), strict=True):
+    assert "stablehlo.convolution" not in text["cpu"]
+    for t, count in zip(onednn.TARGETS, (20, 19, 20), strict=True):
         assert text["cpu"].count(f"custom_call @{t}(") == count
     for p in ("cuda", "tpu"):
         assert text[p].count("stablehlo.convolution") == 20 + 19 + 20
@@ -118,10 +119,12 @@ def test_model_gradients_equal_with_and_without_onednn(monkeypatch):
     got = jax.jit(jax.value_and_grad(loss))(variables["params"])
     monkeypatch.setattr(layers, "_ONEDNN", False)
     want = jax.jit(jax.value_and_grad(loss))(variables["params"])
-    # Some leaves are zero up to rounding (a bias before BatchNorm): one scale for all.
+    # Some leaves are zero up to rounding (a bias before BatchNorm): one scale for all. The
+    # largest leaf is the stem's kernel gradient (61 here), whose entries sum 1024 products
+    # each, in another order in oneDNN: where they cancel, 6.6e-4 apart.
     scale = max(float(jnp.max(jnp.abs(r))) for r in jax.tree.leaves(want))
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(g, r, rtol=2e-4, atol=1e-5 * scale)
+        np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-5 * scale)
 
 
 def test_opt_out_keeps_xla(tmp_path):
