@@ -8,6 +8,8 @@ weights (PyTorch's, ported with `flaxcnn.porting`) and the same number of thread
   `torch.compile` (channels_last input) where it works;
 - inference throughput in eval mode for the same four;
 - all timed interleaved (A, B, C, D, B, C, D, A, ...) after warm-up; medians with min-max;
+  JAX in one worker process and PyTorch's modes in another, the parent taking turns between
+  them (`--same-process` runs both in the parent instead);
 - compile time (XLA's lower+compile; torch.compile's first call minus a steady call);
 - peak memory of a training run of each, each in its own child process;
 - FLOPs per example from XLA's cost analysis, and the achieved GFLOP/s as a fraction of this
@@ -225,6 +227,132 @@ class TorchSide:
 
 
 
+# ----------------------------------------------------------------------------- the runners
+
+def build_sides(kind, name, side, net, x, y, device, dtype, modes=()):
+    """`kind` "jax": flaxcnn's runner (weights ported from `net`), with its compile times,
+    FLOPs and the port check; "torch": one runner per PyTorch mode that works here. Returns
+    (runners by mode, facts for the results, errors by mode)."""
+    import numpy as np
+    import torch
+
+    info, errors, sides = {}, {}, {}
+    if kind == "jax":
+        jx = JaxSide(name, side, net, x, y, device, dtype)
+        # Same weights, same batch: eval-mode logits must agree before anything is trained.
+        net.eval()
+        with torch.no_grad():
+            ref = net(torch.tensor(x).permute(0, 3, 1, 2)).numpy()
+        info = {"port_diff": float(np.max(np.abs(np.asarray(jx.logits()) - ref))),
+                "compile_s": {"jax_train": jx.train_compile_s,
+                              "jax_inference": jx.infer_compile_s},
+                "flops": {"train": jx.train_flops, "inference": jx.infer_flops},
+                "memory_plan": {"train": jx.train_memory_plan,
+                                "inference": jx.infer_memory_plan}}
+        return {"jax": jx}, info, errors
+    info["compile_s"] = {}
+    for mode in modes:
+        try:
+            s = TorchSide(mode, name, net, x, y, device, dtype)
+            s.warm_up()
+            sides[mode] = s
+            if s.train_compile_s is not None:
+                info["compile_s"].update(torch_compile_train=s.train_compile_s,
+                                         torch_compile_inference=s.infer_compile_s)
+        except Exception as e:  # noqa: BLE001 - torch.compile may not work on every machine
+            errors[mode] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    return sides, info, errors
+
+
+def worker_main(kind, name, batch, side, device, threads, dtype, modes):
+    """A child holding one framework's runners for one network: it builds them, reports what
+    `build_sides` found, then times samples on request (a line "train|infer MODE STEPS" on
+    stdin, one JSON line back on stdout) until stdin closes."""
+    out = os.fdopen(os.dup(1), "w", buffering=1)  # the protocol; stray prints go to stderr
+    os.dup2(2, 1)
+    try:
+        if device == "cpu":
+            harness.set_threads(threads)
+        import jax
+        import torch
+
+        import flaxcnn  # noqa: F401 - the XLA:CPU defaults, before JAX starts
+        from flaxcnn import torch_ref
+
+        if device == "cpu":
+            jax.config.update("jax_platforms", "cpu")
+            harness.set_torch_threads(threads)
+        else:  # float32 on both sides, as in the parent
+            jax.config.update("jax_default_matmul_precision", "highest")
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        x, y, data_src = make_batch(batch, side)
+        torch.manual_seed(0)
+        net = torch_ref.create(name)  # the parent's and the other worker's weights exactly
+        sides, info, errors = build_sides(kind, name, side, net, x, y, device, dtype, modes)
+        del net
+        out.write(json.dumps({"info": info, "errors": errors, "modes": list(sides),
+                              "data": data_src}, default=float) + "\n")
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which stops
+        out.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
+        return 1
+    for line in sys.stdin:
+        op, mode, n = line.split()
+        s = sides[mode]
+        sec = s.train_steps(int(n)) if op == "train" else s.infer_steps(int(n))
+        out.write(json.dumps({"s": sec, "loss": getattr(s, "last_loss", None)}) + "\n")
+    return 0
+
+
+class Worker:
+    """The parent's handle on a `worker_main` child."""
+
+    def __init__(self, cli):
+        import subprocess
+
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *cli],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.hello = self._read()
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker exited (status {self.proc.wait()}); "
+                               "its stderr is above")
+        msg = json.loads(line)
+        if "error" in msg:
+            raise RuntimeError(f"benchmark worker failed: {msg['error']}")
+        return msg
+
+    def call(self, op, mode, n):
+        self.proc.stdin.write(f"{op} {mode} {n}\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+class Remote:
+    """A runner living in a `Worker`: the same `train_steps`/`infer_steps` as a local one."""
+
+    def __init__(self, worker, mode):
+        self.worker, self.mode = worker, mode
+
+    def _run(self, op, n):
+        r = self.worker.call(op, self.mode, n)
+        if r.get("loss") is not None:
+            self.last_loss = r["loss"]
+        return r["s"]
+
+    def train_steps(self, n):
+        return self._run("train", n)
+
+    def infer_steps(self, n):
+        return self._run("infer", n)
+
+
 # ----------------------------------------------------------------------------- memory (child)
 
 def memory_child(name, mode, batch, side, device, threads, dtype="float32"):
@@ -272,7 +400,6 @@ def memory_child(name, mode, batch, side, device, threads, dtype="float32"):
 # ----------------------------------------------------------------------------- one network
 
 def bench_network(name, args, device):
-    import numpy as np
     import torch
 
     from flaxcnn import recipes, torch_ref
@@ -286,28 +413,43 @@ def bench_network(name, args, device):
     net = torch_ref.create(name)
     res = {"network": name, "side": side, "batch": batch, "data": data_src}
 
-    jx = JaxSide(name, side, net, x, y, device, args.dtype)
-    log(f"  JAX compile: train {jx.train_compile_s:.1f} s, inference {jx.infer_compile_s:.1f} s")
-    # Same weights, same batch: eval-mode logits must agree before anything is trained.
-    net.eval()
-    with torch.no_grad():
-        ref = net(torch.tensor(x).permute(0, 3, 1, 2)).numpy()
-    diff = float(np.max(np.abs(np.asarray(jx.logits()) - ref)))
-    res["port_check_max_abs_logit_diff"] = diff
-    log(f"  ported weights: max |logit diff| JAX vs torch, eval mode = {diff:.2e}")
-    sides = {"jax": jx}
-    errors = {}
-    for mode in args.torch_modes:
+    workers = []
+    if args.same_process:
+        sides, info, errors = build_sides("jax", name, side, net, x, y, device, args.dtype)
+        more, tinfo, errors = build_sides("torch", name, side, net, x, y, device, args.dtype,
+                                          args.torch_modes)
+        sides.update(more)
+    else:
+        # Each framework in a process of its own, as its users run it: neither runs beside
+        # the other's allocator state, thread pools and caches (in one process both ran
+        # slower, by different and varying amounts; README).
+        common = [name, str(batch), str(side), "--device", device, "--threads",
+                  str(args.threads_used), "--dtype", args.dtype]
         try:
-            s = TorchSide(mode, name, net, x, y, device, args.dtype)
-            s.warm_up()
-            sides[mode] = s
-            if s.train_compile_s is not None:
-                log(f"  torch.compile: train {s.train_compile_s:.1f} s, "
-                    f"inference {s.infer_compile_s:.1f} s")
-        except Exception as e:  # noqa: BLE001 - torch.compile may not work on every machine
-            errors[mode] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            log(f"  torch {mode} failed: {errors[mode]}")
+            workers.append(Worker(["--worker", "jax", *common]))
+            if args.torch_modes:
+                workers.append(Worker(["--worker", "torch", *common,
+                                       "--torch-modes", *args.torch_modes]))
+        except RuntimeError:
+            for w in workers:
+                w.close()
+            raise
+        info, errors = workers[0].hello["info"], {}
+        tinfo = {"compile_s": {}}
+        sides = {"jax": Remote(workers[0], "jax")}
+        if len(workers) > 1:
+            tinfo, errors = workers[1].hello["info"], workers[1].hello["errors"]
+            sides.update({m: Remote(workers[1], m) for m in workers[1].hello["modes"]})
+    jx = sides["jax"]
+    log(f"  JAX compile: train {info['compile_s']['jax_train']:.1f} s, "
+        f"inference {info['compile_s']['jax_inference']:.1f} s")
+    res["port_check_max_abs_logit_diff"] = info["port_diff"]
+    log(f"  ported weights: max |logit diff| JAX vs torch, eval mode = {info['port_diff']:.2e}")
+    if "torch_compile_train" in tinfo["compile_s"]:
+        log(f"  torch.compile: train {tinfo['compile_s']['torch_compile_train']:.1f} s, "
+            f"inference {tinfo['compile_s']['torch_compile_inference']:.1f} s")
+    for mode, e in errors.items():
+        log(f"  torch {mode} failed: {e}")
 
     # Steps per timed sample: about `--sample-s` seconds of the JAX step (the same for all).
     jx.train_steps(1)
@@ -328,17 +470,15 @@ def bench_network(name, args, device):
     res["inference"] = {m: harness.summarize(v, batch) for m, v in infer.items()}
     res["final_loss"] = {m: s.last_loss for m, s in sides.items() if hasattr(s, "last_loss")}
     res["errors"] = errors
-    res["compile_s"] = {
-        "jax_train": jx.train_compile_s, "jax_inference": jx.infer_compile_s,
-        **({"torch_compile_train": sides["compile"].train_compile_s,
-            "torch_compile_inference": sides["compile"].infer_compile_s}
-           if "compile" in sides else {}),
-    }
-    res["flops_per_example"] = {"train": (jx.train_flops or 0) / batch,
-                                "inference": (jx.infer_flops or 0) / batch}
+    res["processes"] = "one" if args.same_process else "one per framework"
+    res["compile_s"] = {**info["compile_s"], **tinfo["compile_s"]}
+    res["flops_per_example"] = {k: (info["flops"][k] or 0) / batch
+                                for k in ("train", "inference")}
     res["xla_memory_plan_mib"] = {
-        k: {kk: round(vv / 2**20, 1) for kk, vv in v.items()}
-        for k, v in (("train", jx.train_memory_plan), ("inference", jx.infer_memory_plan))}
+        k: {kk: round(vv / 2**20, 1) for kk, vv in (info["memory_plan"][k] or {}).items()}
+        for k in ("train", "inference")}
+    for w in workers:
+        w.close()
     for kind in ("train", "inference"):
         line = ", ".join(f"{m} {r['median']:.1f}" for m, r in res[kind].items())
         log(f"  {kind} ex/s: {line}")
@@ -472,7 +612,12 @@ def markdown(report) -> str:
         "train=False)` jitted. PyTorch: `zero_grad; cross_entropy(net(x), y).backward(); "
         "opt.step()`, eval under `inference_mode`; channels_last converts the network and the "
         "batch; torch.compile compiles the network (default inductor) on channels_last input, "
-        "the optimizer step stays eager. Every runner warms up, then all runners take turns "
+        "the optimizer step stays eager. "
+        + ("JAX and PyTorch ran in this one process (`--same-process`). "
+           if report["args"].get("same_process") else
+           "JAX ran in one worker process, PyTorch's modes in another; the parent asked each "
+           "for its samples in turn (one runs while the other waits). ")
+        + "Every runner warms up, then all runners take turns "
         f"({report['args']['rounds']} rounds, the order rotating each round), each sample "
         "lasting about "
         f"{report['args']['sample_s']} s. GFLOP/example is XLA's cost analysis of the step "
@@ -555,9 +700,17 @@ def main(argv=None):
     p.add_argument("--out-dir", default=str(harness.RESULTS))
     p.add_argument("--name", help="results file stem (default: the device kind)")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--same-process", action="store_true",
+                   help="run JAX and PyTorch in this one process (before 2026-11-30 the only "
+                   "way; default: each in a worker process of its own)")
     p.add_argument("--memory-child", nargs=4, metavar=("NET", "MODE", "BATCH", "SIDE"),
                    help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=4, metavar=("KIND", "NET", "BATCH", "SIDE"),
+                   help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.device == "gpu":
+        # Two processes share the GPU: neither may take most of its memory up front.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
     if args.device == "cpu":
         args.threads_used = harness.set_threads(args.threads)
@@ -568,6 +721,10 @@ def main(argv=None):
         print(json.dumps(memory_child(net, mode, int(batch), int(side), args.device,
                                       args.threads_used, args.dtype)))
         return 0
+    if args.worker:
+        kind, net, batch, side = args.worker
+        return worker_main(kind, net, int(batch), int(side), args.device, args.threads_used,
+                           args.dtype, args.torch_modes)
 
     import jax
 
@@ -595,7 +752,7 @@ def main(argv=None):
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "command": "python benchmarks/bench_vs_torch.py " + " ".join(
             shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
-        "args": {k: v for k, v in vars(args).items() if k != "memory_child"},
+        "args": {k: v for k, v in vars(args).items() if k not in ("memory_child", "worker")},
         "load_start": harness.load_average(),
         "machine": harness.machine_info(args.threads_used),
     }
