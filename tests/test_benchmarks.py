@@ -1,0 +1,33 @@
+"""benchmarks/bench_vs_torch.py end to end, on the smallest network: each framework in a worker
+process of its own, both trained from the same ported weights on the same batch."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_vs_torch_runs_each_framework_in_its_own_worker(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_vs_torch.py"), "--networks",
+           "lenet_bn", "--torch-modes", "eager", "--rounds", "1", "--iters", "1",
+           "--no-memory", "--out-dir", str(tmp_path), "--name", "smoke"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    (result,) = report["results"]
+    assert result["processes"] == "one per framework"
+    # JAX's eval-mode logits against those of the PyTorch network its weights came from
+    assert result["port_check_max_abs_logit_diff"] < 1e-5
+    for kind in ("train", "inference"):
+        assert set(result[kind]) == {"jax", "eager"}
+        assert all(r["median"] > 0 for r in result[kind].values())
+    assert result["compile_s"]["jax_train"] > 0
+    assert result["flops_per_example"]["train"] > 0
+    # Both sides trained (a warm-up and a timed sample): finite losses came back.
+    assert set(result["final_loss"]) == {"jax", "eager"}
+    assert all(math.isfinite(v) for v in result["final_loss"].values())
+    assert "worker process" in (tmp_path / "smoke.md").read_text()
+    assert (tmp_path / "smoke.png").stat().st_size > 0
