@@ -264,6 +264,37 @@ def build_sides(kind, name, side, net, x, y, device, dtype, modes=()):
     return sides, info, errors
 
 
+def setup_frameworks(device, threads):
+    """What the parent and every worker do before building anything: flaxcnn's XLA:CPU
+    defaults, one platform, the thread count on both sides, float32 matrix products on a GPU.
+    Returns (jax, torch)."""
+    import jax
+    import torch
+
+    import flaxcnn  # noqa: F401 - the XLA:CPU defaults, before JAX starts
+
+    if device == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+        harness.set_torch_threads(threads)
+    else:
+        jax.config.update("jax_default_matmul_precision", "highest")  # f32, as torch below
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return jax, torch
+
+
+def the_network(name, batch, side):
+    """The batch and the book's PyTorch network with its seeded initial weights: the same in
+    the parent and in every worker."""
+    import torch
+
+    from flaxcnn import torch_ref
+
+    x, y, data_src = make_batch(batch, side)
+    torch.manual_seed(0)
+    return x, y, data_src, torch_ref.create(name)
+
+
 def worker_main(kind, name, batch, side, device, threads, dtype, modes):
     """A child holding one framework's runners for one network: it builds them, reports what
     `build_sides` found, then times samples on request (a line "train|infer MODE STEPS" on
@@ -273,22 +304,8 @@ def worker_main(kind, name, batch, side, device, threads, dtype, modes):
     try:
         if device == "cpu":
             harness.set_threads(threads)
-        import jax
-        import torch
-
-        import flaxcnn  # noqa: F401 - the XLA:CPU defaults, before JAX starts
-        from flaxcnn import torch_ref
-
-        if device == "cpu":
-            jax.config.update("jax_platforms", "cpu")
-            harness.set_torch_threads(threads)
-        else:  # float32 on both sides, as in the parent
-            jax.config.update("jax_default_matmul_precision", "highest")
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-        x, y, data_src = make_batch(batch, side)
-        torch.manual_seed(0)
-        net = torch_ref.create(name)  # the parent's and the other worker's weights exactly
+        setup_frameworks(device, threads)
+        x, y, data_src, net = the_network(name, batch, side)
         sides, info, errors = build_sides(kind, name, side, net, x, y, device, dtype, modes)
         del net
         out.write(json.dumps({"info": info, "errors": errors, "modes": list(sides),
@@ -400,21 +417,17 @@ def memory_child(name, mode, batch, side, device, threads, dtype="float32"):
 # ----------------------------------------------------------------------------- one network
 
 def bench_network(name, args, device):
-    import torch
-
-    from flaxcnn import recipes, torch_ref
+    from flaxcnn import recipes
 
     side = args.side or recipes.get(name).side
     batch = args.batch or (recipes.get(name).batch_size if device == "gpu"
                            else CPU_BATCH.get(name, CPU_BATCH_DEFAULT))
     log(f"\n== {name} @{side}, batch {batch}, load {harness.load_average()}")
-    x, y, data_src = make_batch(batch, side)
-    torch.manual_seed(0)
-    net = torch_ref.create(name)
-    res = {"network": name, "side": side, "batch": batch, "data": data_src}
+    res = {"network": name, "side": side, "batch": batch}
 
     workers = []
     if args.same_process:
+        x, y, res["data"], net = the_network(name, batch, side)
         sides, info, errors = build_sides("jax", name, side, net, x, y, device, args.dtype)
         more, tinfo, errors = build_sides("torch", name, side, net, x, y, device, args.dtype,
                                           args.torch_modes)
@@ -434,7 +447,7 @@ def bench_network(name, args, device):
             for w in workers:
                 w.close()
             raise
-        info, errors = workers[0].hello["info"], {}
+        info, errors, res["data"] = workers[0].hello["info"], {}, workers[0].hello["data"]
         tinfo = {"compile_s": {}}
         sides = {"jax": Remote(workers[0], "jax")}
         if len(workers) > 1:
@@ -726,21 +739,7 @@ def main(argv=None):
         return worker_main(kind, net, int(batch), int(side), args.device, args.threads_used,
                            args.dtype, args.torch_modes)
 
-    import jax
-
-    import flaxcnn  # noqa: F401 - the XLA:CPU defaults, before JAX starts
-
-    if args.device == "gpu":
-        jax.config.update("jax_default_matmul_precision", "highest")  # f32, as torch below
-    import torch
-
-    if args.device == "cpu":
-        jax.config.update("jax_platforms", "cpu")
-        harness.set_torch_threads(args.threads_used)
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-
+    _, torch = setup_frameworks(args.device, args.threads_used)
     if args.device == "cpu":
         kind = harness.cpu_device_kind(args.threads_used)
     else:
