@@ -14,7 +14,8 @@ any more; `apply_defaults` then changes nothing and says so in `STATUS` (and in 
 the backend is a CPU and the defaults are missing).
 
 `reexec_with_huge_pages`, which train.py and the benchmarks call first, restarts the process
-with glibc's `glibc.malloc.hugetlb=1` tunable where it helps (see there).
+with glibc tunables that give XLA's per-step temporaries huge pages and keep them mapped from
+one step to the next, and runs CPU computations on the calling thread (see there).
 """
 
 from __future__ import annotations
@@ -135,7 +136,15 @@ def active_flags() -> dict[str, str]:
 
 HUGE_PAGES_OPT_OUT_ENV = "FLAXCNN_NO_HUGE_PAGES"
 HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+# No block mapped on its own (the main heap grows instead) and no trimming of the main heap:
+# memory a step frees stays mapped for the next step. Added with the huge pages.
+KEEP_MAPPED_TUNABLES = ("glibc.malloc.mmap_max=0", "glibc.malloc.trim_threshold=68719476736")
+ASYNC_DISPATCH_ENV = "JAX_CPU_ENABLE_ASYNC_DISPATCH"
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def _tunables(environ) -> dict[str, str]:
+    return dict(t.partition("=")[::2] for t in environ.get("GLIBC_TUNABLES", "").split(":") if t)
 
 
 def huge_page_malloc(environ=None) -> str:
@@ -145,10 +154,9 @@ def huge_page_malloc(environ=None) -> str:
     gives every large mapping huge pages already), "opted-out", or why it cannot
     ("not-glibc", "old-glibc", "no-thp")."""
     environ = os.environ if environ is None else environ
-    for tunable in environ.get("GLIBC_TUNABLES", "").split(":"):
-        name, _, value = tunable.partition("=")
-        if name == "glibc.malloc.hugetlb":  # the user's, or ours after the restart
-            return "active" if value in ("1", "2") else "user-set"
+    value = _tunables(environ).get("glibc.malloc.hugetlb")
+    if value is not None:  # the user's, or ours after the restart
+        return "active" if value in ("1", "2") else "user-set"
     if _opted_out(environ, HUGE_PAGES_OPT_OUT_ENV):
         return "opted-out"
     try:
@@ -169,22 +177,65 @@ def huge_page_malloc(environ=None) -> str:
     return "missing" if "[madvise]" in setting else "no-thp"
 
 
+def keeps_step_memory(environ=None) -> bool:
+    """Whether glibc here keeps what a step frees mapped for the next (`KEEP_MAPPED_TUNABLES`,
+    ours after the restart or the user's)."""
+    t = _tunables(os.environ if environ is None else environ)
+    return t.get("glibc.malloc.mmap_max") == "0" and "glibc.malloc.trim_threshold" in t
+
+
 def reexec_with_huge_pages(environ=None) -> None:
-    """Restarts this Python process with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` when
-    `huge_page_malloc` says "missing"; returns (doing nothing) otherwise.
+    """Restarts this Python process with glibc tunables for XLA's per-step temporaries when
+    `huge_page_malloc` says "missing" (once: the restarted process finds them set).
 
     XLA:CPU allocates a step's temporaries as one block (DenseNet's training step at batch 32:
     238 MiB), which glibc maps afresh for every step and unmaps after it: 61,000 page faults
     and 0.11 s of system time per DenseNet step on a 2-core EPYC, a fifth of its CPU time.
-    With huge pages the step takes 660 faults and trains 1.23x as fast. glibc reads the
-    tunable only when a process starts, so the CLIs (train.py, the benchmarks) call this first
-    thing. Opt out with FLAXCNN_NO_HUGE_PAGES=1 (benchmarks/malloc_study.py has the evidence)."""
+    With huge pages (`glibc.malloc.hugetlb=1`) the step takes 660 faults and trains 1.23x as
+    fast. Those 2 MiB faults still cost most after a pause: in a virtual machine the freed
+    memory goes back to the host, and the first step after a pause of a few seconds spent
+    0.5-1 s more in the kernel (NiN). So `KEEP_MAPPED_TUNABLES` are added too: glibc grows and
+    keeps its main heap instead of mapping large blocks, as PyTorch's allocator keeps its
+    memory. Only the main heap holds a block that size (a thread's arena stops at 64 MiB and
+    maps larger blocks whatever the settings), which is why `dispatch_inline` goes with them.
+
+    glibc reads the tunables only when a process starts, so the CLIs (train.py, the
+    benchmarks) call this first thing. The user's own tunables are kept, each of ours added
+    only where the user did not set it. Opt out with FLAXCNN_NO_HUGE_PAGES=1
+    (benchmarks/malloc_study.py and benchmarks/xla_cpu_study.md have the evidence)."""
     environ = os.environ if environ is None else environ
     if huge_page_malloc(environ) != "missing":
         return
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    environ["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGE_TUNABLE}" if tunables else HUGE_PAGE_TUNABLE
+    have = _tunables(environ)
+    ours = [t for t in (HUGE_PAGE_TUNABLE, *KEEP_MAPPED_TUNABLES)
+            if t.partition("=")[0] not in have]
+    environ["GLIBC_TUNABLES"] = ":".join(filter(None, [environ.get("GLIBC_TUNABLES", ""), *ours]))
     sys.stdout.flush()
     sys.stderr.flush()
     # the same command line, interpreter options included
     os.execve(sys.executable, sys.orig_argv, environ)
+
+
+def dispatch_inline(environ=None) -> bool:
+    """Has JAX run each CPU computation on the thread that calls it
+    (`jax_cpu_enable_async_dispatch=False`) where glibc keeps step memory mapped
+    (`keeps_step_memory`), so that a step's temporaries come from the main heap and stay
+    there: no page faults left in a step. Call before JAX creates its CPU backend; returns
+    whether it took effect. Not when the user set $JAX_CPU_ENABLE_ASYNC_DISPATCH.
+
+    The price is the overlap of Python with the running step: train.py asks for it only for
+    the 96- and 224-pixel networks, whose steps take 100 ms and more; LeNet-BN's 10 ms steps
+    trained about 4% slower inline. In the benchmark's interleaved samples the six larger
+    networks trained 1.13-1.38x as fast, back to back 1.0-1.12x (benchmarks/xla_cpu_study.md).
+    """
+    environ = os.environ if environ is None else environ
+    if not keeps_step_memory(environ) or ASYNC_DISPATCH_ENV in environ:
+        return False
+    if _backend_initialised():
+        warnings.warn("JAX's backend already exists: its CPU computations stay asynchronous "
+                      "(call flaxcnn.cpu.dispatch_inline before using JAX)", stacklevel=2)
+        return False
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    return True

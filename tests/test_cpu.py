@@ -155,7 +155,8 @@ def test_restart_gives_large_blocks_huge_pages():
     if status == "missing":  # this machine's case: the kernel's THP setting is "madvise"
         assert out["runs"] == "xx"  # the code ran twice: once before the restart, once after
         # the user's own tunables kept, the huge pages added
-        assert out["tunables"] == "glibc.rtld.optional_static_tls=2048:glibc.malloc.hugetlb=1"
+        assert out["tunables"] == ":".join(["glibc.rtld.optional_static_tls=2048",
+                                            cpu.HUGE_PAGE_TUNABLE, *cpu.KEEP_MAPPED_TUNABLES])
         assert out["status"] == "active"
         assert out["eligible"] == 1
     else:  # nothing to gain (or possible) here: no restart
@@ -169,3 +170,59 @@ def test_no_restart_when_opted_out_or_already_set():
         assert out["eligible"] == 0  # glibc's default: small pages
     out = huge_probe({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert (out["runs"], out["tunables"]) == ("x", "glibc.malloc.hugetlb=0")
+
+
+def test_tunables_the_user_set_are_kept():
+    if here() != "missing":
+        return  # no restart here: test_restart_gives_large_blocks_huge_pages checks that
+    out = huge_probe({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000"})
+    assert out["tunables"] == ":".join(["glibc.malloc.trim_threshold=1000",
+                                        cpu.HUGE_PAGE_TUNABLE, "glibc.malloc.mmap_max=0"])
+    assert not cpu.keeps_step_memory({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
+    assert cpu.keeps_step_memory({"GLIBC_TUNABLES": out["tunables"]})
+
+
+STEP_MEMORY_PROBE = """
+import json, os, resource
+from flaxcnn import cpu
+cpu.reexec_with_huge_pages()
+cpu.dispatch_inline()
+import jax, jax.numpy as jnp
+x = jnp.arange(1 << 24, dtype=jnp.float32).reshape(4096, 4096)
+f = jax.jit(lambda x: jnp.cumsum(jnp.sin(x), axis=0)[::8].sum())  # 128 MiB of temporaries
+for _ in range(2):
+    f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    f(x).block_until_ready()
+print(json.dumps({"faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5,
+                  "async": jax.config.read("jax_cpu_enable_async_dispatch"),
+                  "temp_mib": f.lower(x).compile().memory_analysis().temp_size_in_bytes / 2**20}))
+"""
+
+
+def step_memory_probe(env_update):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", cpu.HUGE_PAGES_OPT_OUT_ENV, cpu.ASYNC_DISPATCH_ENV)}
+    env.update(env_update)
+    res = subprocess.run([sys.executable, "-c", STEP_MEMORY_PROBE], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_step_memory_stays_mapped_between_calls():
+    """The restart's tunables and `dispatch_inline` keep a computation's temporaries mapped
+    from one call to the next: few page faults per call, against glibc's defaults (a fresh
+    mapping per call) and against the same tunables with asynchronous dispatch (the runtime
+    thread's arena maps the block afresh)."""
+    if here() != "missing":
+        return  # nothing is changed on this machine (test_restart... checks that)
+    kept = step_memory_probe({})
+    assert kept["temp_mib"] > 64 and kept["async"] is False
+    default = step_memory_probe({cpu.HUGE_PAGES_OPT_OUT_ENV: "1"})
+    assert default["async"] is True
+    threaded = step_memory_probe({cpu.ASYNC_DISPATCH_ENV: "true"})
+    assert threaded["async"] is True
+    assert kept["faults"] * 20 < default["faults"], (kept, default)
+    assert kept["faults"] * 2 < threaded["faults"], (kept, threaded)
