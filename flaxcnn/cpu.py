@@ -226,7 +226,7 @@ def dispatch_inline(environ=None) -> bool:
     The price is the overlap of Python with the running step: train.py asks for it only for
     the 96- and 224-pixel networks, whose steps take 100 ms and more; LeNet-BN's 10 ms steps
     trained about 4% slower inline. In the benchmark's interleaved samples the six larger
-    networks trained 1.13-1.38x as fast, back to back 1.0-1.12x (benchmarks/xla_cpu_study.md).
+    networks trained 1.15-1.38x as fast, back to back 0.96-1.12x (benchmarks/xla_cpu_study.md).
     """
     environ = os.environ if environ is None else environ
     if not keeps_step_memory(environ) or ASYNC_DISPATCH_ENV in environ:
