@@ -147,10 +147,11 @@ def main(argv=None):
     # before anything compiles: programs compiled earlier are not cached
     compilation_cache.enable(args.compilation_cache or "auto")
     # Steps of 100 ms and more (the 96- and 224-pixel networks) run on this thread, their
-    # temporaries kept mapped from step to step; LeNet's 10 ms steps keep Python's overlap.
-    if args.model != "svm" and any((args.side or recipes.get(n).side) >= 96 for n in
-                                   (ALL if args.model == "all" else [args.model])):
-        flaxcnn.cpu.dispatch_inline()  # before anything starts a JAX backend (flaxcnn/cpu.py)
+    # temporaries kept mapped from step to step; LeNet's 10 ms steps keep Python's overlap
+    # (with --model all the larger ones decide). Before anything starts a JAX backend.
+    if args.model != "svm":
+        flaxcnn.cpu.dispatch_inline_for(args.side or recipes.get(n).side
+                                        for n in (ALL if args.model == "all" else [args.model]))
 
     try:  # before anything starts a JAX backend
         distributed.initialize(

@@ -304,6 +304,10 @@ def worker_main(kind, name, batch, side, device, threads, dtype, modes):
     try:
         if device == "cpu":
             harness.set_threads(threads)
+        if kind == "jax":  # as train.py: larger networks' steps on this thread (flaxcnn/cpu.py)
+            from flaxcnn import cpu
+
+            cpu.dispatch_inline_for([side])
         setup_frameworks(device, threads)
         x, y, data_src, net = the_network(name, batch, side)
         sides, info, errors = build_sides(kind, name, side, net, x, y, device, dtype, modes)

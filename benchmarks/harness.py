@@ -25,8 +25,6 @@ if sys.argv and Path(sys.argv[0]).resolve().parent == ROOT / "benchmarks":
     from flaxcnn import cpu as _flaxcnn_cpu
 
     _flaxcnn_cpu.reexec_with_huge_pages()
-    # and each step's temporaries kept mapped between the interleaved samples (flaxcnn/cpu.py)
-    _flaxcnn_cpu.dispatch_inline()
 
 
 # ----------------------------------------------------------------------------- threads

@@ -42,10 +42,13 @@ MODES = {  # name -> the environment a child starts with (its harness restarts i
 
 
 def child(network: str, batch: int, steps: int, pauses: int, pause_s: float) -> dict:
+    from flaxcnn import cpu
+
+    cpu.dispatch_inline()  # "kept mapped" only (it needs the tunables); every network inline
     import jax
     import jax.numpy as jnp
 
-    from flaxcnn import cpu, models, recipes, training
+    from flaxcnn import models, recipes, training
 
     side = recipes.get(network).side
     model = models.create(network)
@@ -129,7 +132,7 @@ def main(argv=None):
                 k: statistics.median(o[k] for o in outs)
                 for k in ("ex_per_s", "minflt_per_step", "sys_s_per_step", "user_s_per_step",
                           "peak_rss_mib")}, "after_pause_ex_per_s": statistics.median(
-                              o["after_pause_ex_per_s"] or 0.0 for o in outs)})
+                              o["after_pause_ex_per_s"] for o in outs) if args.pauses else None})
     command = "python benchmarks/malloc_study.py " + shlex.join(argv or sys.argv[1:])
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +153,8 @@ def main(argv=None):
         rs = [next(r for r in rows if r["network"] == net and r["mode"] == m) for m in MODES]
 
         def cells(key, fmt, scale=1.0, rs=rs):
-            return " / ".join(format(r[key] * scale, fmt) for r in rs)
+            return " / ".join("-" if r[key] is None else format(r[key] * scale, fmt)
+                              for r in rs)
 
         md.append(f"| {net} | {rs[0]['batch']} | {cells('ex_per_s', '.1f')} | "
                   f"{cells('after_pause_ex_per_s', '.1f')} | {cells('minflt_per_step', '.0f')} | "

@@ -15,7 +15,8 @@ the backend is a CPU and the defaults are missing).
 
 `reexec_with_huge_pages`, which train.py and the benchmarks call first, restarts the process
 with glibc tunables that give XLA's per-step temporaries huge pages and keep them mapped from
-one step to the next, and runs CPU computations on the calling thread (see there).
+one step to the next; `dispatch_inline` then has JAX run CPU computations on the calling
+thread, whose heap can keep them (see there).
 """
 
 from __future__ import annotations
@@ -201,8 +202,12 @@ def reexec_with_huge_pages(environ=None) -> None:
 
     glibc reads the tunables only when a process starts, so the CLIs (train.py, the
     benchmarks) call this first thing. The user's own tunables are kept, each of ours added
-    only where the user did not set it. Opt out with FLAXCNN_NO_HUGE_PAGES=1
-    (benchmarks/malloc_study.py and benchmarks/xla_cpu_study.md have the evidence)."""
+    only where the user did not set it. A user who sets `glibc.malloc.hugetlb` (or a kernel
+    that gives every mapping huge pages) means no restart, so none of ours: set the others
+    too (README). The settings reach every child process (PyTorch's benchmark worker too) and
+    hold for any backend; memory a step frees is not given back to the system. Opt out with
+    FLAXCNN_NO_HUGE_PAGES=1 (benchmarks/malloc_study.py and benchmarks/xla_cpu_study.md have
+    the evidence)."""
     environ = os.environ if environ is None else environ
     if huge_page_malloc(environ) != "missing":
         return
@@ -220,22 +225,36 @@ def dispatch_inline(environ=None) -> bool:
     """Has JAX run each CPU computation on the thread that calls it
     (`jax_cpu_enable_async_dispatch=False`) where glibc keeps step memory mapped
     (`keeps_step_memory`), so that a step's temporaries come from the main heap and stay
-    there: no page faults left in a step. Call before JAX creates its CPU backend; returns
-    whether it took effect. Not when the user set $JAX_CPU_ENABLE_ASYNC_DISPATCH.
+    there: a step's page faults fall from 300-1,200 to 0-200. Call before JAX creates its CPU
+    backend; returns whether it took effect. Not when the user set
+    $JAX_CPU_ENABLE_ASYNC_DISPATCH. JAX keeps computations sharded over several CPU devices
+    asynchronous whatever this says.
 
-    The price is the overlap of Python with the running step: train.py asks for it only for
-    the 96- and 224-pixel networks, whose steps take 100 ms and more; LeNet-BN's 10 ms steps
-    trained about 4% slower inline. In the benchmark's interleaved samples the six larger
-    networks trained 1.15-1.38x as fast, back to back 0.96-1.12x (benchmarks/xla_cpu_study.md).
+    The price is the overlap of Python with the running step, so `dispatch_inline_for` asks
+    for it only for the 96- and 224-pixel networks, whose steps take 100 ms and more:
+    LeNet-BN's 10 ms steps trained about 4% slower inline. In the benchmark's interleaved
+    samples the six larger networks trained 1.15-1.38x as fast, back to back 0.96-1.12x
+    (benchmarks/xla_cpu_study.md).
     """
     environ = os.environ if environ is None else environ
     if not keeps_step_memory(environ) or ASYNC_DISPATCH_ENV in environ:
         return False
     if _backend_initialised():
         warnings.warn("JAX's backend already exists: its CPU computations stay asynchronous "
-                      "(call flaxcnn.cpu.dispatch_inline before using JAX)", stacklevel=2)
+                      "(call flaxcnn.cpu.dispatch_inline before using JAX)", RuntimeWarning,
+                      stacklevel=2)
         return False
     import jax
 
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     return True
+
+
+INLINE_MIN_SIDE = 96
+
+
+def dispatch_inline_for(sides) -> bool:
+    """`dispatch_inline` when any of these input sides is at least `INLINE_MIN_SIDE` (steps of
+    100 ms and more, temporaries above a thread's 64 MiB); LeNet's 28-pixel steps keep the
+    overlap. What train.py and bench_vs_torch's JAX worker call."""
+    return any(side >= INLINE_MIN_SIDE for side in sides) and dispatch_inline()

@@ -311,8 +311,8 @@ class Run:
             label += (" (oneDNN convolutions" if onednn.available()
                       else f" (XLA's convolutions: {onednn.reason().splitlines()[0][:120]}")
             pages = cpu.huge_page_malloc()  # see cpu.reexec_with_huge_pages, dispatch_inline
-            kept = cpu.keeps_step_memory() and not jax.config.read(
-                "jax_cpu_enable_async_dispatch")
+            kept = (cpu.keeps_step_memory() and len(self.devices) == 1
+                    and not jax.config.read("jax_cpu_enable_async_dispatch"))
             label += ("; no huge pages: " + pages if pages not in ("active", "thp-always")
                       else "; huge pages") + (", step memory kept mapped)" if kept else ")")
         return label

@@ -107,7 +107,7 @@ from flaxcnn import cpu
 before = os.environ.get("FLAXCNN_PROBE_RUNS", "")
 os.environ["FLAXCNN_PROBE_RUNS"] = before + "x"  # counts the runs of this code
 cpu.reexec_with_huge_pages()
-a = np.ones(64 << 18, np.float32)  # 64 MiB: glibc maps it on its own
+a = np.ones(64 << 18, np.float32)  # 64 MiB: mapped on its own, or (mmap_max=0) heap
 eligible = None
 with open("/proc/self/smaps") as f:
     inside = False
@@ -173,20 +173,22 @@ def test_no_restart_when_opted_out_or_already_set():
 
 
 def test_tunables_the_user_set_are_kept():
+    assert not cpu.keeps_step_memory({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
+    assert cpu.keeps_step_memory({"GLIBC_TUNABLES": ":".join(cpu.KEEP_MAPPED_TUNABLES)})
+    assert not cpu.dispatch_inline({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
     if here() != "missing":
         return  # no restart here: test_restart_gives_large_blocks_huge_pages checks that
     out = huge_probe({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000"})
     assert out["tunables"] == ":".join(["glibc.malloc.trim_threshold=1000",
                                         cpu.HUGE_PAGE_TUNABLE, "glibc.malloc.mmap_max=0"])
-    assert not cpu.keeps_step_memory({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
-    assert cpu.keeps_step_memory({"GLIBC_TUNABLES": out["tunables"]})
 
 
 STEP_MEMORY_PROBE = """
 import json, os, resource
 from flaxcnn import cpu
 cpu.reexec_with_huge_pages()
-cpu.dispatch_inline()
+small = cpu.dispatch_inline_for([28])  # LeNet alone: asynchronous
+inline = cpu.dispatch_inline_for([28, 96])
 import jax, jax.numpy as jnp
 x = jnp.arange(1 << 24, dtype=jnp.float32).reshape(4096, 4096)
 f = jax.jit(lambda x: jnp.cumsum(jnp.sin(x), axis=0)[::8].sum())  # 128 MiB of temporaries
@@ -197,6 +199,7 @@ for _ in range(5):
     f(x).block_until_ready()
 print(json.dumps({"faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5,
                   "async": jax.config.read("jax_cpu_enable_async_dispatch"),
+                  "small": small, "inline": inline,
                   "temp_mib": f.lower(x).compile().memory_analysis().temp_size_in_bytes / 2**20}))
 """
 
@@ -204,7 +207,7 @@ print(json.dumps({"faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt 
 def step_memory_probe(env_update):
     env = {k: v for k, v in os.environ.items()
            if k not in ("GLIBC_TUNABLES", cpu.HUGE_PAGES_OPT_OUT_ENV, cpu.ASYNC_DISPATCH_ENV)}
-    env.update(env_update)
+    env.update(env_update, JAX_PLATFORMS="cpu")
     res = subprocess.run([sys.executable, "-c", STEP_MEMORY_PROBE], env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
@@ -220,9 +223,10 @@ def test_step_memory_stays_mapped_between_calls():
         return  # nothing is changed on this machine (test_restart... checks that)
     kept = step_memory_probe({})
     assert kept["temp_mib"] > 64 and kept["async"] is False
+    assert (kept["small"], kept["inline"]) == (False, True)
     default = step_memory_probe({cpu.HUGE_PAGES_OPT_OUT_ENV: "1"})
     assert default["async"] is True
     threaded = step_memory_probe({cpu.ASYNC_DISPATCH_ENV: "true"})
-    assert threaded["async"] is True
+    assert threaded["async"] is True and threaded["inline"] is False
     assert kept["faults"] * 20 < default["faults"], (kept, default)
     assert kept["faults"] * 2 < threaded["faults"], (kept, threaded)
