@@ -32,18 +32,17 @@ from pathlib import Path
 
 import harness
 
+from flaxcnn import cpu
+
 NETWORKS = ["alexnet", "vgg", "nin", "googlenet", "lenet_bn", "resnet18", "densenet"]
 MODES = {  # name -> the environment a child starts with (its harness restarts it if needed)
     "kept mapped": {},
-    "huge pages": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
-                   "JAX_CPU_ENABLE_ASYNC_DISPATCH": "true"},
-    "glibc defaults": {"FLAXCNN_NO_HUGE_PAGES": "1"},
+    "huge pages": {"GLIBC_TUNABLES": cpu.HUGE_PAGE_TUNABLE, cpu.ASYNC_DISPATCH_ENV: "true"},
+    "glibc defaults": {cpu.HUGE_PAGES_OPT_OUT_ENV: "1"},
 }
 
 
 def child(network: str, batch: int, steps: int, pauses: int, pause_s: float) -> dict:
-    from flaxcnn import cpu
-
     cpu.dispatch_inline()  # "kept mapped" only (it needs the tunables); every network inline
     import jax
     import jax.numpy as jnp
@@ -100,8 +99,6 @@ def main(argv=None):
         net, batch, steps = args.child
         print(json.dumps(child(net, int(batch), int(steps), args.pauses, args.pause_s)))
         return
-    from flaxcnn import cpu
-
     if cpu.huge_page_malloc() == "thp-always":
         sys.exit("the kernel gives every large mapping huge pages here: nothing to compare")
     info = harness.machine_info(os.cpu_count() or 1)

@@ -124,14 +124,21 @@ print(json.dumps({"runs": os.environ["FLAXCNN_PROBE_RUNS"], "eligible": eligible
 """
 
 
-def huge_probe(env_update):
+def restart_probe(code, env_update):
+    """Runs `code` in a fresh CPU-only Python started without any of the restart's settings
+    (plus `env_update`) and returns the JSON it prints last."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("GLIBC_TUNABLES", cpu.HUGE_PAGES_OPT_OUT_ENV, "FLAXCNN_PROBE_RUNS")}
-    env.update(env_update)
-    res = subprocess.run([sys.executable, "-c", HUGE_PROBE], env=env, capture_output=True,
-                         text=True, timeout=120)
+           if k not in ("GLIBC_TUNABLES", cpu.HUGE_PAGES_OPT_OUT_ENV, cpu.ASYNC_DISPATCH_ENV,
+                        "FLAXCNN_PROBE_RUNS")}
+    env.update(env_update, JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def huge_probe(env_update):
+    return restart_probe(HUGE_PROBE, env_update)
 
 
 def here():
@@ -205,13 +212,7 @@ print(json.dumps({"faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt 
 
 
 def step_memory_probe(env_update):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GLIBC_TUNABLES", cpu.HUGE_PAGES_OPT_OUT_ENV, cpu.ASYNC_DISPATCH_ENV)}
-    env.update(env_update, JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-c", STEP_MEMORY_PROBE], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return restart_probe(STEP_MEMORY_PROBE, env_update)
 
 
 def test_step_memory_stays_mapped_between_calls():
