@@ -304,10 +304,6 @@ def worker_main(kind, name, batch, side, device, threads, dtype, modes):
     try:
         if device == "cpu":
             harness.set_threads(threads)
-        if kind == "jax":  # as train.py: larger networks' steps on this thread (flaxcnn/cpu.py)
-            from flaxcnn import cpu
-
-            cpu.dispatch_inline_for([side])
         setup_frameworks(device, threads)
         x, y, data_src, net = the_network(name, batch, side)
         sides, info, errors = build_sides(kind, name, side, net, x, y, device, dtype, modes)
@@ -733,6 +729,11 @@ def main(argv=None):
         args.threads_used = harness.set_threads(args.threads)
     else:
         args.threads_used = args.threads or len(os.sched_getaffinity(0))
+    child = args.worker or args.memory_child  # (jax, NET, ...) or (NET, jax, ...) for JAX's
+    if child and "jax" in child[:2]:  # timed worker and memory child alike, as train.py:
+        from flaxcnn import cpu  # the larger networks' steps on this thread (flaxcnn/cpu.py)
+
+        cpu.dispatch_inline_for([int(child[3])])
     if args.memory_child:
         net, mode, batch, side = args.memory_child
         print(json.dumps(memory_child(net, mode, int(batch), int(side), args.device,
