@@ -17,21 +17,24 @@ import statistics
 import time
 from pathlib import Path
 
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flaxcnn import data
 
-# The training throughput to compare with: flaxcnn's own training step, the fastest network at
-# each side, from the latest JAX-vs-PyTorch run on this CPU (benchmarks/bench_vs_torch.py).
-TRAINING_RESULTS = Path(__file__).parent / "results" / "cpu-amd-epyc-2t.json"
+
+def training_results() -> Path:
+    """The training throughput to compare with: the latest JAX-vs-PyTorch run
+    (benchmarks/bench_vs_torch.py) on this CPU model at this process's thread count."""
+    return harness.RESULTS / f"{harness.cpu_device_kind(len(os.sched_getaffinity(0)))}.json"
 
 
 def training_reference(side):
     """(network, JAX training examples/s) of the fastest network at `side`, or None."""
     try:
-        results = json.loads(TRAINING_RESULTS.read_text())["results"]
+        results = json.loads(training_results().read_text())["results"]
     except (OSError, KeyError, ValueError):
         return None
     rates = [(r["train"]["jax"]["median"], r["network"]) for r in results if r["side"] == side]
@@ -136,7 +139,7 @@ def main():
             )
         lines += [
             "",
-            f"Training throughputs: flaxcnn's training step in {TRAINING_RESULTS.name} "
+            f"Training throughputs: flaxcnn's training step in {training_results().name} "
             "(`python benchmarks/bench_vs_torch.py`, same CPU).",
         ]
     else:

@@ -132,8 +132,15 @@ def slug(text: str) -> str:
 
 
 def cpu_device_kind(threads: int) -> str:
-    """The results files' name for this CPU at `threads` threads, e.g. cpu-amd-epyc-2t."""
-    return f"cpu-{slug(cpu_model())}-{threads}t"
+    """The results files' name for this CPU at `threads` threads, e.g. cpu-amd-epyc-f26m2-2t.
+
+    Cloud CPUs often share one model name across generations ("AMD EPYC" is Zen 4, family 25
+    model 17, and Zen 5, family 26 model 2, on the machines this project ran on), and their
+    speeds differ by 2x, so the family and model are part of the name."""
+    info = _lscpu()
+    fm = f"f{info['CPU family']}m{info['Model']}" if "CPU family" in info and "Model" in info \
+        else ""
+    return "-".join(p for p in ("cpu", slug(cpu_model()), fm, f"{threads}t") if p)
 
 
 # ----------------------------------------------------------------------------- timing
