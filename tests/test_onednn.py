@@ -9,6 +9,7 @@ import subprocess
 import sys
 from functools import partial
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 from jax import lax
 
 from flaxcnn import onednn
+from flaxcnn.models import googlenet, layers
 
 
 def test_available():
@@ -102,6 +104,22 @@ def test_models_take_onednn_on_cpu_only():
         assert "flaxcnn_onednn" not in text[p]
 
 
+def test_googlenet_keeps_xla_convolutions_in_its_inception_blocks():
+    """GoogLeNet on a CPU: oneDNN for the stem and the two layers after it, XLA's convolutions
+    for the 57 in its nine Inception blocks (`layers.Conv(onednn=False)`; the evidence in
+    benchmarks/xla_cpu_study.md)."""
+    from flaxcnn import models
+
+    model = models.create("googlenet")
+    variables = jax.jit(partial(model.init, train=False))(jax.random.key(0),
+                                                          jnp.zeros((1, 96, 96, 1)))
+    grad = jax.jit(jax.grad(lambda p, x: model.apply({"params": p}, x, train=True).sum()))
+    hlo = grad.lower(variables["params"], jnp.zeros((2, 96, 96, 1))).compile().as_text()
+    for t, count in zip(onednn.TARGETS, (3, 2, 3), strict=True):
+        assert hlo.count(f'custom_call_target="{t}"') == count, t
+    assert "convolution(" in hlo
+
+
 def test_model_gradients_equal_with_and_without_onednn(monkeypatch):
     """DenseNet's loss and gradients (BatchNorm, concatenations, 1x1 and strided layers) are the
     same, within float32 rounding, with oneDNN's convolutions and with XLA's."""
@@ -155,21 +173,36 @@ def test_build_errors_name_what_is_missing(monkeypatch, tmp_path):
         onednn.build()
 
 
-def test_concurrent_convolutions_in_googlenet():
-    """XLA:CPU runs independent custom calls at the same time (GoogLeNet's four branches), so
-    each call uses its own thread's scratch memory. With oneDNN's shared scratchpad the second
-    training step here crashed (checked against that build; the test bites only where XLA
-    overlaps the branches, as on this 2-core machine). Shared scratch memory would also make the
-    steps nondeterministic: the same three steps from the same state, run twice, must give the
-    same losses, and learn."""
-    from flaxcnn import models, training
+class _OneDNNInceptions(nn.Module):
+    """Two Inception blocks whose convolutions are all oneDNN's (GoogLeNet itself keeps XLA's
+    there), then a classifier."""
 
-    model = models.create("googlenet")
-    x = jax.random.uniform(jax.random.key(1), (16, 32, 32, 1))
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(layers.Conv(32, 3, padding=1)(x))
+        x = googlenet.Inception(16, (16, 32), (8, 16), 16)(x)
+        x = googlenet.Inception(16, (16, 32), (8, 16), 16)(x)
+        return layers.Dense(10)(x.mean(axis=(1, 2)))
+
+
+def test_concurrent_convolutions_in_inception_blocks():
+    """XLA:CPU runs independent custom calls at the same time (an Inception block's four
+    branches), so each call uses its own thread's scratch memory. With oneDNN's shared
+    scratchpad the second training step of GoogLeNet (then all oneDNN) crashed (checked against
+    that build; the test bites only where XLA overlaps the branches, as on this 2-core machine).
+    Shared scratch memory would also make the steps nondeterministic: the same three steps from
+    the same state, run twice, must give the same losses, and learn."""
+    from flaxcnn import training
+
+    model = _OneDNNInceptions()
+    x = jax.random.uniform(jax.random.key(1), (16, 24, 24, 1))
     y = jnp.arange(16, dtype=jnp.int32) % 10
     step = jax.jit(training.train_step)
-    init = jax.jit(lambda: training.create_train_state(model, jax.random.key(0), 32,
+    init = jax.jit(lambda: training.create_train_state(model, jax.random.key(0), 24,
                                                        training.sgd(0.1)))
+    hlo = step.lower(init(), x, y).compile().as_text()
+    # six per block (the one-channel first layer is ops.conv_one_channel)
+    assert hlo.count("custom_call_target=\"flaxcnn_onednn_conv_forward\"") == 2 * 6
 
     def losses():
         state, out = init(), []

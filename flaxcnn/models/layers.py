@@ -37,7 +37,11 @@ def torch_bias_init(fan_in: int):
 
 
 class Conv(nn.Module):
-    """`nn.Conv2d(in, features, kernel_size, stride=strides, padding=padding)` on NHWC input."""
+    """`nn.Conv2d(in, features, kernel_size, stride=strides, padding=padding)` on NHWC input.
+
+    `onednn=False` keeps XLA's convolution on a CPU where oneDNN's would otherwise run
+    (GoogLeNet's Inception branches: XLA runs the four concurrently, and oneDNN's calls, each
+    with its own OpenMP team, overlap worse than XLA's own convolutions on its thread pool)."""
 
     features: int
     kernel_size: int
@@ -45,6 +49,7 @@ class Conv(nn.Module):
     padding: int = 0
     dtype: Dtype = jnp.float32
     precision: Any = None
+    onednn: bool = True
 
     @nn.compact
     def __call__(self, x):
@@ -54,7 +59,7 @@ class Conv(nn.Module):
         bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         conv = partial(ops.conv_nhwc, strides=self.strides, padding=p, precision=self.precision)
-        cpu_conv = _cpu_convolution(x, k, self.strides, p)
+        cpu_conv = _cpu_convolution(x, k, self.strides, p, self.onednn)
         if cpu_conv is not None:
             # Chosen when the step is compiled: other platforms keep XLA's convolution.
             y = jax.lax.platform_dependent(x, kernel, cpu=cpu_conv, default=conv)
@@ -83,7 +88,7 @@ def _onednn_conv(x, kernel, strides, padding):
     return onednn.conv(x, kernel, (sh, sw), ((ph, ph), (pw, pw)))
 
 
-def _cpu_convolution(x, k: int, strides: int, padding: int):
+def _cpu_convolution(x, k: int, strides: int, padding: int, use_onednn: bool = True):
     """The convolutions XLA:CPU handles badly, and what flaxcnn runs instead on a CPU (ops.py,
     onednn.py; the evidence in benchmarks/xla_cpu_study.md), or None for XLA's own."""
     if x.dtype != jnp.float32:
@@ -94,7 +99,7 @@ def _cpu_convolution(x, k: int, strides: int, padding: int):
     # (only where the CPU is JAX's default backend: elsewhere the CPU branch is never lowered,
     # and building the library there would be wasted)
     if ((c > 1 or (strides != 1 and _ONEDNN_STEMS)) and side >= _ONEDNN_MIN_SIDE and _ONEDNN
-            and jax.default_backend() == "cpu" and onednn.available()):
+            and use_onednn and jax.default_backend() == "cpu" and onednn.available()):
         return partial(_onednn_conv, strides=strides, padding=padding)
     if strides != 1:
         return None
