@@ -78,9 +78,12 @@ _LARGE_1X1 = 26 * 26
 # _ONEDNN_MIN_SIDE: only on maps at least this large (1: all; the study's dnnl6/dnnl12 runs).
 # _ONEDNN_STEMS: the strided stems on one channel (AlexNet's and NiN's 11x11/4, the 7x7/2 of
 # GoogLeNet, ResNet and DenseNet), where XLA's convolution is 1.6-2.7x slower than oneDNN's.
+# _ONEDNN_OPT_OUTS: honour `Conv(onednn=False)` (False: oneDNN there too, for the A/B in
+# benchmarks/layer_choice_ab.py).
 _ONEDNN = True
 _ONEDNN_MIN_SIDE = 1
 _ONEDNN_STEMS = True
+_ONEDNN_OPT_OUTS = True
 
 
 def _onednn_conv(x, kernel, strides, padding):
@@ -99,7 +102,8 @@ def _cpu_convolution(x, k: int, strides: int, padding: int, use_onednn: bool = T
     # (only where the CPU is JAX's default backend: elsewhere the CPU branch is never lowered,
     # and building the library there would be wasted)
     if ((c > 1 or (strides != 1 and _ONEDNN_STEMS)) and side >= _ONEDNN_MIN_SIDE and _ONEDNN
-            and use_onednn and jax.default_backend() == "cpu" and onednn.available()):
+            and (use_onednn or not _ONEDNN_OPT_OUTS)
+            and jax.default_backend() == "cpu" and onednn.available()):
         return partial(_onednn_conv, strides=strides, padding=padding)
     if strides != 1:
         return None

@@ -1,0 +1,106 @@
+"""Which layers take oneDNN's convolutions on this CPU: whole training steps, one fresh process
+per arm and round, arms alternating (A, B, C, A, B, C, ...).
+
+Fresh processes because in-process A/B runs (xla_cpu_study.py) of GoogLeNet moved by +-15%
+from sample to sample here. Each arm sets some of `flaxcnn.models.layers`' switches before the
+model is built:
+
+    python benchmarks/layer_choice_ab.py --networks googlenet --rounds 3
+    python benchmarks/layer_choice_ab.py --networks resnet18 densenet --arms default min12 xla
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import harness
+
+ARMS = {
+    "default": {},
+    "all-onednn": {"_ONEDNN_OPT_OUTS": False},  # oneDNN in GoogLeNet's Inception blocks too
+    "xla": {"_ONEDNN": False},  # XLA's convolutions (and the ops paths) everywhere
+    "min12": {"_ONEDNN_MIN_SIDE": 12},  # oneDNN on maps of 12x12 and more only
+    "min24": {"_ONEDNN_MIN_SIDE": 24},
+}
+
+
+def child(network: str, arm: str, batch: int, steps: int, samples: int) -> dict:
+    from flaxcnn import cpu, recipes
+
+    side = recipes.get(network).side
+    cpu.dispatch_inline_for([side])  # as train.py and bench_vs_torch
+    import jax
+    import jax.numpy as jnp
+
+    from flaxcnn import models, training
+    from flaxcnn.models import layers
+
+    for k, v in ARMS[arm].items():
+        setattr(layers, k, v)
+    model = models.create(network)
+    state = training.create_train_state(model, jax.random.key(0), side, training.sgd(0.01))
+    x = jax.random.uniform(jax.random.key(1), (batch, side, side, 1))
+    y = jnp.arange(batch, dtype=jnp.int32) % 10
+    step = jax.jit(training.train_step, donate_argnums=0)
+    for _ in range(3):
+        state, m = step(state, x, y)
+    jax.block_until_ready(m)
+    rates = []
+    for _ in range(samples):
+        t = time.perf_counter()
+        for _ in range(steps):
+            state, m = step(state, x, y)
+        jax.block_until_ready(m)
+        rates.append(batch * steps / (time.perf_counter() - t))
+    return {"rates": rates}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--networks", nargs="+", default=["googlenet", "resnet18", "densenet"])
+    p.add_argument("--arms", nargs="+", default=["default", "all-onednn", "xla"],
+                   choices=list(ARMS))
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3, help="fresh processes per arm")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed sample")
+    p.add_argument("--samples", type=int, default=3, help="timed samples per process")
+    p.add_argument("--out", help="JSON file for the results")
+    p.add_argument("--child", nargs=2, metavar=("NETWORK", "ARM"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(*args.child, args.batch, args.steps, args.samples)), flush=True)
+        return 0
+    info = harness.machine_info(len(os.sched_getaffinity(0)))
+    out = {"machine": info, "command": " ".join(["python", *sys.argv]), "arms": ARMS,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": {}}
+    for net in args.networks:
+        rates = {a: [] for a in args.arms}
+        for r in range(args.rounds):
+            for a in args.arms:
+                res = harness.run_child([__file__, "--child", net, a, "--batch",
+                                         str(args.batch), "--steps", str(args.steps),
+                                         "--samples", str(args.samples)])
+                if "error" in res:
+                    sys.exit(f"{net} {a}: the child failed: {res['error']}")
+                rates[a].append(statistics.median(res["rates"]))
+                print(f"{net} round {r + 1} {a}: {rates[a][-1]:.1f} ex/s "
+                      f"({', '.join(f'{x:.1f}' for x in res['rates'])})", flush=True)
+        base = statistics.median(rates[args.arms[0]])
+        for a in args.arms:
+            m = statistics.median(rates[a])
+            print(f"{net} {a}: median {m:.1f} ex/s [{min(rates[a]):.1f}-{max(rates[a]):.1f}], "
+                  f"x{m / base:.2f} of {args.arms[0]}", flush=True)
+        out["results"][net] = rates
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
