@@ -37,7 +37,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-OUT = os.path.join(ROOT, "benchmarks", "results", "svm_cpu")
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+OUT = os.path.join(RESULTS, "svm_cpu")  # --name replaces the stem
 IMPLS = ("jax", "sklearn", "jax-ovr")
 
 
@@ -47,7 +48,8 @@ def machine() -> dict:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         for line in lscpu.splitlines():
             key, _, value = line.partition(":")
-            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "L3 cache"):
+            if key.strip() in ("Model name", "CPU family", "Model", "CPU(s)",
+                               "Thread(s) per core", "L3 cache"):
                 info[key.strip()] = value.strip()
         with open("/proc/meminfo") as f:
             info["MemTotal"] = f.readline().split(":")[1].strip()
@@ -248,7 +250,8 @@ def table(doc) -> str:
     lines = [
         "# SVM on Fashion-MNIST: flaxcnn.svm (JAX) vs scikit-learn SVC (libsvm), CPU",
         "",
-        f"Machine: {m.get('Model name', '?')} (KVM guest, Zen 4 with AVX-512), "
+        f"Machine: {m.get('Model name', '?')} (KVM guest, CPU family {m.get('CPU family', '?')} "
+        f"model {m.get('Model', '?')}), "
         f"{m.get('CPU(s)', '?')} cores, {m.get('MemTotal', '?')} RAM. Wall times move with "
         "other processes' load: each run's load average and CPU seconds are listed below "
         "(libsvm uses one core, ours both). "
@@ -362,7 +365,13 @@ def main(argv=None):
                         "convolutions; tuned for the networks). Without it they are opted out of "
                         "(FLAXCNN_NO_XLA_DEFAULTS=1) and XLA's own defaults apply; the SVM has "
                         "no convolutions, so both compile the same programs")
+    p.add_argument("--name", help="results file stem in benchmarks/results (default: svm_cpu, "
+                   "the Zen 4 machine's; another CPU deserves its own, e.g. "
+                   "svm_cpu-amd-epyc-f26m2-2t)")
     args = p.parse_args(argv)
+    if args.name:
+        global OUT
+        OUT = os.path.join(RESULTS, args.name)
     if not args.project_xla_defaults:
         os.environ.setdefault("FLAXCNN_NO_XLA_DEFAULTS", "1")
     if args.child_fit:
