@@ -38,7 +38,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-OUT = os.path.join(RESULTS, "svm_cpu")  # --name replaces the stem
 IMPLS = ("jax", "sklearn", "jax-ovr")
 
 
@@ -236,9 +235,9 @@ def child_fit(args):
                       "n_support": int(len(model.support_))}))
 
 
-def load_results() -> dict:
+def load_results(out: str) -> dict:
     try:
-        with open(OUT + ".json") as f:
+        with open(out + ".json") as f:
             return json.load(f)
     except (OSError, ValueError):
         return {"results": {}}
@@ -365,28 +364,26 @@ def main(argv=None):
                         "convolutions; tuned for the networks). Without it they are opted out of "
                         "(FLAXCNN_NO_XLA_DEFAULTS=1) and XLA's own defaults apply; the SVM has "
                         "no convolutions, so both compile the same programs")
-    p.add_argument("--name", help="results file stem in benchmarks/results (default: svm_cpu, "
-                   "the Zen 4 machine's; another CPU deserves its own, e.g. "
-                   "svm_cpu-amd-epyc-f26m2-2t)")
+    p.add_argument("--name", default="svm_cpu",
+                   help="results file stem in benchmarks/results (default: svm_cpu, the Zen 4 "
+                   "machine's; another CPU deserves its own, e.g. svm_cpu-amd-epyc-f26m2-2t)")
     args = p.parse_args(argv)
-    if args.name:
-        global OUT
-        OUT = os.path.join(RESULTS, args.name)
+    out = os.path.join(RESULTS, args.name)
     if not args.project_xla_defaults:
         os.environ.setdefault("FLAXCNN_NO_XLA_DEFAULTS", "1")
     if args.child_fit:
         return child_fit(args)
-    doc = load_results()
+    doc = load_results(out)
     if not args.dry:
         for size in args.sizes:
             for impl in args.impl:
                 doc["results"][f"{impl}@{size}"] = bench(impl, size, args)
                 doc["machine"] = machine()  # after flaxcnn's import set its XLA_FLAGS
-                with open(OUT + ".json", "w") as f:
+                with open(out + ".json", "w") as f:
                     json.dump(doc, f, indent=1)
-                with open(OUT + ".md", "w") as f:
+                with open(out + ".md", "w") as f:
                     f.write(table(doc))
-    with open(OUT + ".md", "w") as f:
+    with open(out + ".md", "w") as f:
         f.write(table(doc))
     print(table(doc))
 

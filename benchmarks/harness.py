@@ -64,10 +64,6 @@ def _lscpu() -> dict:
     return info
 
 
-def cpu_model() -> str:
-    return _lscpu().get("Model name") or platform.processor() or "unknown CPU"
-
-
 def load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
@@ -140,7 +136,28 @@ def cpu_device_kind(threads: int) -> str:
     info = _lscpu()
     fm = f"f{info['CPU family']}m{info['Model']}" if "CPU family" in info and "Model" in info \
         else ""
-    return "-".join(p for p in ("cpu", slug(cpu_model()), fm, f"{threads}t") if p)
+    name = info.get("Model name") or platform.processor() or "unknown CPU"
+    return "-".join(p for p in ("cpu", slug(name), fm, f"{threads}t") if p)
+
+
+def compiled_train_step(network: str, batch: int):
+    """(step, state, x, y): `network`'s jitted training step (state donated) compiled for a
+    random batch at the book's side and learning rate, as the step studies time it. Call after
+    any `flaxcnn.cpu`/`flaxcnn.models.layers` setting the study makes."""
+    import jax
+    import jax.numpy as jnp
+
+    from flaxcnn import models, recipes, training
+
+    side = recipes.get(network).side
+    model = models.create(network)
+    opt = training.sgd(recipes.get(network).lr)
+    state = jax.jit(lambda k: training.create_train_state(model, k, side, opt))(
+        jax.random.key(0))
+    x = jax.random.uniform(jax.random.key(1), (batch, side, side, 1))
+    y = jnp.zeros(batch, jnp.int32)
+    step = jax.jit(training.train_step, donate_argnums=0).lower(state, x, y).compile()
+    return step, state, x, y
 
 
 # ----------------------------------------------------------------------------- timing

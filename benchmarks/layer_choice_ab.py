@@ -33,21 +33,14 @@ ARMS = {
 def child(network: str, arm: str, batch: int, steps: int, samples: int) -> dict:
     from flaxcnn import cpu, recipes
 
-    side = recipes.get(network).side
-    cpu.dispatch_inline_for([side])  # as train.py and bench_vs_torch
+    cpu.dispatch_inline_for([recipes.get(network).side])  # as train.py and bench_vs_torch
     import jax
-    import jax.numpy as jnp
 
-    from flaxcnn import models, training
     from flaxcnn.models import layers
 
     for k, v in ARMS[arm].items():
         setattr(layers, k, v)
-    model = models.create(network)
-    state = training.create_train_state(model, jax.random.key(0), side, training.sgd(0.01))
-    x = jax.random.uniform(jax.random.key(1), (batch, side, side, 1))
-    y = jnp.arange(batch, dtype=jnp.int32) % 10
-    step = jax.jit(training.train_step, donate_argnums=0)
+    step, state, x, y = harness.compiled_train_step(network, batch)
     for _ in range(3):
         state, m = step(state, x, y)
     jax.block_until_ready(m)

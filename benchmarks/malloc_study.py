@@ -45,18 +45,8 @@ MODES = {  # name -> the environment a child starts with (its harness restarts i
 def child(network: str, batch: int, steps: int, pauses: int, pause_s: float) -> dict:
     cpu.dispatch_inline()  # "kept mapped" only (it needs the tunables); every network inline
     import jax
-    import jax.numpy as jnp
 
-    from flaxcnn import models, recipes, training
-
-    side = recipes.get(network).side
-    model = models.create(network)
-    opt = training.sgd(recipes.get(network).lr)
-    state = jax.jit(lambda k: training.create_train_state(model, k, side, opt))(
-        jax.random.key(0))
-    x = jax.random.uniform(jax.random.key(1), (batch, side, side, 1))
-    y = jnp.zeros(batch, jnp.int32)
-    step = jax.jit(training.train_step, donate_argnums=0).lower(state, x, y).compile()
+    step, state, x, y = harness.compiled_train_step(network, batch)
     for _ in range(2):
         state, m = step(state, x, y)
     jax.block_until_ready(m)
