@@ -89,7 +89,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from flaxcnn import cpu
+from flaxcnn import compilation_cache, cpu
 
 KERNELS = ("linear", "poly", "rbf", "sigmoid")
 MULTICLASS = ("ovo", "ovr")
@@ -109,6 +109,12 @@ _COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 _HOST_GRADIENT = 5e6  # float64 gradients of at most this many multiply-adds: on the host
 _ROWS = 1024  # host passes over the points go this many rows at a time (temporaries in cache)
 _BUCKET_STEPS = 8  # sizes are padded up to one of 8 steps per power of two (<= 12.5% padding)
+
+
+def _trace_settings() -> tuple:
+    """The settings above that the compiled solver reads when traced (its programs on disk are
+    found by them too: compilation_cache.persistent_jit)."""
+    return _TAU, _LOCAL_FACTOR, _TAIL, _SPECULATE, _GEMV, _BLOCK
 
 
 class NotFittedError(ValueError, AttributeError):
@@ -399,8 +405,8 @@ def _init_state(cache, m, q):
 
 
 @partial(
-    jax.jit, static_argnames=("kernel", "degree", "max_inner", "chunk"), donate_argnums=(0,),
-    compiler_options=_COMPILER_OPTIONS,
+    compilation_cache.persistent_jit, static_argnames=("kernel", "degree", "max_inner", "chunk"),
+    donate_argnums=(0,), compiler_options=_COMPILER_OPTIONS, trace_state=_trace_settings,
 )
 def _solve(
     state, f, x_all, sq_all, points, pidx, y, c, gamma, coef0, tol, max_outer, *, kernel,
@@ -472,8 +478,8 @@ def _solve(
 
 
 @partial(
-    jax.jit, static_argnames=("kernel", "degree", "chunk"), donate_argnums=(0,),
-    compiler_options=_COMPILER_OPTIONS,
+    compilation_cache.persistent_jit, static_argnames=("kernel", "degree", "chunk"),
+    donate_argnums=(0,), compiler_options=_COMPILER_OPTIONS, trace_state=_trace_settings,
 )
 def _rows(state, x_all, sq_all, points, pts, want, gamma, coef0, *, kernel, degree, chunk):
     """The kernel rows [k, n] of the points pts[want] (zeros for the others), from the cache or
@@ -1051,7 +1057,8 @@ class _BaseSVM:
 
 
 @partial(
-    jax.jit, static_argnames=("kernel", "degree", "dtype"), compiler_options=_COMPILER_OPTIONS
+    compilation_cache.persistent_jit, static_argnames=("kernel", "degree", "dtype"),
+    compiler_options=_COMPILER_OPTIONS,
 )
 def _decision_chunk(z, sv, sq_sv, coef, gamma, coef0, *, kernel, degree, dtype):
     """z: float32 points; sv: the support vectors as dtype."""

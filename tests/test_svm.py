@@ -445,6 +445,33 @@ def test_run_reports_like_the_networks():
     assert report["test_acc"] > 0.6 and report["n_support"] > 0
 
 
+
+def test_train_py_loads_the_compiled_solver_in_a_second_process(tmp_path):
+    """`train.py --model svm` twice with one compilation cache: the second process loads the
+    solver compiled by the first (compilation_cache.persistent_jit, no tracing) and fits the
+    same machine."""
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "train.py", "--model", "svm", "--train-size", "400", "--test-size",
+           "200", "--compilation-cache", str(tmp_path / "cache")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    outs = []
+    for _ in range(2):
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout)
+    assert len(list((tmp_path / "cache" / "executables").glob("_solve-*"))) == 1
+    loaded = [re.search(r"(\d+) of (\d+) programs loaded", out) for out in outs]
+    assert loaded[0] is None or loaded[0].group(1) == "0", outs[0]
+    assert loaded[1] is not None and int(loaded[1].group(1)) >= 1, outs[1]
+    for pattern in (r"loss .*", r"dual objective [^,]*"):  # losses, accuracies, objective
+        first, second = (re.search(pattern, out).group(0) for out in outs)
+        assert second == first
+
+
 def test_run_rejects_bad_parameters_before_loading():
     with pytest.raises(ValueError, match="unknown kernel"):
         svm.run(kernel="gauss", data_dir="/nonexistent")

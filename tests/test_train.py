@@ -289,3 +289,53 @@ def test_compilation_cache_enable(tmp_path):
     out = enable("off", JAX_COMPILATION_CACHE_DIR=own)
     assert out[0] == "None []" and out[1].split()[1] == "False"
     assert not (tmp_path / "own").exists()
+
+
+def test_persistent_jit_loads_compiled_programs_by_their_key(tmp_path):
+    """In fresh processes sharing a cache: the second loads both programs without compiling;
+    a changed trace setting compiles a new one instead of running a stale program; a damaged
+    file warns and is compiled again; with no cache enabled nothing is written."""
+    script = (
+        "import json, sys, warnings, jax, jax.numpy as jnp\n"
+        "from flaxcnn import compilation_cache as cc\n"
+        "cc.enable(sys.argv[1])\n"
+        "SCALE = float(sys.argv[2])\n"
+        "f = cc.persistent_jit(lambda x, *, n: x * SCALE + n, static_argnames='n',\n"
+        "                      trace_state=lambda: (SCALE,))\n"
+        "compiles = []\n"
+        "jax.monitoring.register_event_duration_secs_listener(\n"
+        "    lambda e, d, **k: compiles.append(e) if e.endswith('backend_compile_duration')"
+        " and 'lambda' in k.get('fun_name', '') else None)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    out = [f(jnp.arange(3.0), n=n).tolist() for n in (1, 2, 1)]\n"
+        "print(json.dumps({'out': out, 'hits': cc.counts()['hits'], 'compiles': len(compiles),\n"
+        "                  'warnings': [str(x.message) for x in w]}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+
+    def run(cache, scale):
+        r = subprocess.run([sys.executable, "-c", script, cache, scale], capture_output=True,
+                           text=True, cwd=ROOT, timeout=120, env=env)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.splitlines()[-1])
+
+    cache = tmp_path / "cache"
+    executables = cache / "executables"
+    first = run(str(cache), "2")
+    assert first["out"] == [[1, 3, 5], [2, 4, 6], [1, 3, 5]]
+    assert first["hits"] == 0 and first["compiles"] == 2
+    assert len(list(executables.iterdir())) == 2
+    second = run(str(cache), "2")
+    assert second == {**first, "hits": 2, "compiles": 0}
+    third = run(str(cache), "3")  # the same shapes, another trace-time setting
+    assert third["out"] == [[1, 4, 7], [2, 5, 8], [1, 4, 7]] and third["compiles"] == 2
+    assert len(list(executables.iterdir())) == 4
+    for p in executables.iterdir():
+        p.write_bytes(b"damaged")
+    fourth = run(str(cache), "3")
+    assert fourth["out"] == third["out"] and fourth["hits"] == 0
+    assert len(fourth["warnings"]) == 2 and "recompiling: cannot load" in fourth["warnings"][0]
+    assert run(str(cache), "3")["hits"] == 2  # replaced by whole files
+    off = run("off", "2")
+    assert off["out"] == first["out"] and off["compiles"] == 2
