@@ -3,9 +3,9 @@
 jaxlib's XLA:CPU computes convolutions with Eigen kernels, 1.2-1.7x slower than oneDNN's on these
 networks' layers, and its kernel gradients read transposed copies of both operands
 (benchmarks/xla_cpu_study.md). This module compiles `_onednn.cc` against the system's oneDNN
-(Debian: `apt-get install libdnnl-dev`) once per machine, into `~/.cache/flaxcnn` (or
-`$FLAXCNN_CACHE_DIR`), loads it and registers three CPU custom calls; `conv` is a
-differentiable convolution built on them.
+(Debian: `apt-get install libdnnl-dev`) once per machine (native.py), into
+`~/.cache/flaxcnn/onednn` (or `$FLAXCNN_CACHE_DIR/onednn`), loads it and registers three CPU
+custom calls; `conv` is a differentiable convolution built on them.
 
 It is optional. `available()` is False, and `reason()` says why, when there is no C++ compiler,
 no oneDNN headers, or `FLAXCNN_NO_ONEDNN` is set (any non-empty value but `0`); the models then
@@ -14,20 +14,17 @@ keep XLA's convolution. Only float32 on the CPU takes this path.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
+from functools import partial
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flaxcnn import native
 
 OPT_OUT_ENV = "FLAXCNN_NO_ONEDNN"
 SOURCE = Path(__file__).with_name("_onednn.cc")
@@ -43,14 +40,8 @@ def _opted_out() -> bool:
     return os.environ.get(OPT_OUT_ENV, "") not in ("", "0")
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("FLAXCNN_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "flaxcnn")
-    return Path(root) / "onednn"
-
-
 def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    return native.compiler()
 
 
 def _dnnl_include() -> str | None:
@@ -60,11 +51,8 @@ def _dnnl_include() -> str | None:
     return None
 
 
-_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
-
-
 def _command(cxx: str, include: str, out: str) -> list[str]:
-    return [cxx, *_FLAGS, "-isystem", jax.ffi.include_dir(), "-I", include, str(SOURCE),
+    return [cxx, *native.FLAGS, "-isystem", jax.ffi.include_dir(), "-I", include, str(SOURCE),
             "-o", out, "-ldnnl"]
 
 
@@ -76,35 +64,13 @@ def build(force: bool = False) -> Path:
         raise RuntimeError("no C++ compiler (g++ or $CXX)")
     if include is None:
         raise RuntimeError("no oneDNN headers (oneapi/dnnl/dnnl.hpp; Debian: libdnnl-dev)")
-    # The library's name hashes everything it depends on: the source, the compile command,
-    # jaxlib (the FFI headers) and the installed oneDNN's version and configuration headers.
-    digest = hashlib.sha256(SOURCE.read_bytes())
-    # (not the paths, which differ between checkouts and venvs: their contents are hashed)
-    digest.update(" ".join([jax.__version__, jax.lib.__version__, cxx, *_FLAGS]).encode())
-    for header in ("dnnl_version.h", "dnnl_config.h"):
-        path = os.path.join(include, "oneapi", "dnnl", header)
-        if os.path.exists(path):
-            digest.update(Path(path).read_bytes())
-    target = _cache_dir() / f"libflaxcnn_onednn-{digest.hexdigest()[:16]}.so"
-    if target.exists() and not force:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Built under a temporary name and renamed: concurrent builds (pytest workers) never load a
-    # half-written library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        cmd = _command(cxx, include, tmp)
-        print(f"flaxcnn: compiling oneDNN's convolutions into {target.parent} (once, ~10 s)",
-              file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr[-4000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    # the installed oneDNN's version and configuration headers are part of the library's name
+    headers = [os.path.join(include, "oneapi", "dnnl", h) for h in ("dnnl_version.h",
+                                                                    "dnnl_config.h")]
+    return native.compile_library(
+        "onednn", SOURCE, partial(_command, cxx, include),
+        [Path(h).read_bytes() for h in headers if os.path.exists(h)],
+        "oneDNN's convolutions", force)
 
 
 _lock = threading.Lock()
@@ -124,16 +90,9 @@ def _load_locked() -> tuple[bool, str]:
     if _opted_out():
         return False, f"{OPT_OUT_ENV} is set"
     try:
-        try:
-            lib = ctypes.CDLL(str(build()))
-        except OSError:  # a cached library that no longer loads (oneDNN replaced): rebuild
-            lib = ctypes.CDLL(str(build(force=True)))
+        return True, native.register(build, TARGETS)
     except (RuntimeError, OSError) as e:
         return False, str(e)
-    for name, symbol in TARGETS.items():
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
-                                    platform="cpu")
-    return True, f"loaded {lib._name}"
 
 
 def available() -> bool:
@@ -163,7 +122,7 @@ def _out_shape(x_shape, k_shape, strides, padding):
     return n, (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1, o
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv(x, kernel, strides, padding):
     """`lax.conv_general_dilated(x, kernel, strides, padding, ("NHWC", "HWIO", "NHWC"))` for
     float32 on a CPU, by oneDNN, forward and backward. `strides` is (sh, sw), `padding`

@@ -26,7 +26,7 @@ from sklearn import svm as sk
 from sklearn.datasets import make_classification, make_regression
 from sklearn.metrics.pairwise import pairwise_kernels
 
-from flaxcnn import svm
+from flaxcnn import native, svm
 
 TOL = 1e-4
 OBJ_RTOL = 1e-4
@@ -183,6 +183,86 @@ def test_fashion_pair_matches_libsvm(fashion_pair):
     alpha = np.zeros(len(y))
     alpha[ours.support_] = np.abs(ours.dual_coef_[0])
     assert _kkt_violation(x, yb, alpha, 10, kp) <= TOL + KKT_SLACK
+
+
+
+def _sub_problem(rng, q, n_invalid):
+    """A working set as `_solve` passes it: consistent gradients f = -y G, variables at both
+    bounds and inside, and padding (invalid, C = 0) at the end."""
+    x = rng.normal(size=(q, 20)).astype(np.float32)
+    kbb = np.asarray(svm.kernel_matrix(x, x, "rbf", 0.05))
+    y = np.where(rng.random(q) < 0.5, 1.0, -1.0).astype(np.float32)
+    c = np.full(q, 10.0, np.float32)
+    alpha = np.where(rng.random(q) < 0.2, c, rng.uniform(0, 10, q) * (rng.random(q) < 0.3))
+    valid = np.arange(q) < q - n_invalid
+    c[~valid], alpha[~valid] = 0.0, 0.0
+    grad = (y[:, None] * y[None, :] * kbb) @ alpha - 1.0
+    return kbb, alpha.astype(np.float32), (-y * grad).astype(np.float32), y, c, valid
+
+
+def test_native_inner_loop_takes_the_xla_loops_steps():
+    """On a CPU the inner SMO loop runs in C++ (flaxcnn/_svm.cc); it is built wherever a C++
+    compiler is (.ci/setup installs g++). On sub-problems with bounded, free and invalid
+    variables it takes as many steps as XLA's loop, to the same alphas (float32 rounding apart),
+    and stops at max_inner."""
+    assert native.svm_available(), native.svm_reason()
+    assert svm._native_inner()
+    xla = jax.jit(svm._inner_smo_xla, static_argnums=7)
+    cpp = jax.jit(svm._inner_smo_native, static_argnums=7)
+    rng = np.random.default_rng(0)
+    for q, n_invalid, max_inner in ((64, 0, 10_000), (128, 9, 10_000), (128, 9, 7), (16, 16, 9)):
+        args = (*_sub_problem(rng, q, n_invalid), np.float32(1e-3))
+        a_x, it_x = xla(*args, max_inner)
+        a_c, it_c = cpp(*args, max_inner)
+        assert int(it_c) == int(it_x), (q, n_invalid, max_inner)
+        np.testing.assert_allclose(np.asarray(a_c), np.asarray(a_x), atol=1e-4)
+        kbb, alpha, _, y, c, valid = args[:6]
+        a_c = np.asarray(a_c)
+        assert (a_c >= 0).all() and (a_c <= c).all() and (a_c[~valid] == 0).all()
+        assert abs(y @ a_c - y @ alpha) < 1e-3  # pairs move along sum y a = const
+        if max_inner == 7:
+            assert int(it_c) == 7
+        if n_invalid == q:
+            assert int(it_c) == 0 and (a_c == alpha).all()
+        else:
+            assert int(it_c) > 0
+
+
+def test_fit_with_xla_inner_loop_matches(fashion_pair, monkeypatch):
+    """XLA's inner loop (the path on other platforms) fits what the C++ one fits."""
+    x, y = fashion_pair
+    cpp = svm.SVC(C=10, tol=TOL).fit(x, y)
+    monkeypatch.setattr(svm, "_NATIVE_INNER", False)
+    svm._solve.clear_cache()
+    try:
+        assert not svm._native_inner()
+        xla = svm.SVC(C=10, tol=TOL).fit(x, y)
+    finally:
+        svm._solve.clear_cache()
+    assert xla.dual_objective_[0] == pytest.approx(cpp.dual_objective_[0], rel=OBJ_RTOL)
+    _compare_decisions(xla.decision_function(x), cpp.decision_function(x))
+    np.testing.assert_array_equal(xla.predict(x), cpp.predict(x))
+
+
+
+def test_native_inner_loop_opt_out():
+    """FLAXCNN_NO_NATIVE_SVM=1: nothing is built or loaded, and the solver keeps XLA's loop."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from flaxcnn import native, svm\n"
+        "assert not svm._native_inner() and 'FLAXCNN_NO_NATIVE_SVM' in native.svm_reason()\n"
+        "x = np.random.default_rng(0).normal(size=(80, 5))\n"
+        "m = svm.SVC(kernel='linear').fit(x, (x[:, 0] > 0).astype(int))\n"
+        "print((m.predict(x) == (x[:, 0] > 0)).mean())\n"
+    )
+    env = dict(os.environ, FLAXCNN_NO_NATIVE_SVM="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout) > 0.95
 
 
 def test_small_working_set_and_cache_give_the_same_solution(fashion_pair):
