@@ -265,9 +265,10 @@ def table(doc) -> str:
         "1/2 c'Kc - sum|c|, recomputed in float64 from each model's coefficients (lower is "
         "better).",
         "",
-        "'fit, cache warm' is our fit in a fresh process whose compiled programs JAX loads from "
-        "its persistent compilation cache, filled by an earlier process (flaxcnn.compilation_"
-        "cache, on by default in train.py); speed-ups after a slash use it.",
+        "'fit, cache warm' is our fit in a fresh process that loads the compiled solver from "
+        "the compilation cache's directory, filled by an earlier process (flaxcnn.compilation_"
+        "cache, on by default in train.py; since 2026-11-30 15:00 UTC without tracing it first, "
+        "`persistent_jit`); speed-ups after a slash use it.",
         "",
         "| train images | implementation | fit (s) | fit, cache warm (s) | fit, compiled (s) "
         "| predict 10k (s) "
