@@ -7,6 +7,9 @@ model is built:
 
     python benchmarks/layer_choice_ab.py --networks googlenet --rounds 3
     python benchmarks/layer_choice_ab.py --networks resnet18 densenet --arms default min12 xla
+    python benchmarks/layer_choice_ab.py --networks resnet18 --arms default onednn-forward --eval
+
+`--eval` times the eval-mode forward pass (`training.eval_step`) instead of the training step.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ ARMS = {
     "xla": {"_ONEDNN": False},  # XLA's convolutions (and the ops paths) everywhere
     "min12": {"_ONEDNN_MIN_SIDE": 12},  # oneDNN on maps of 12x12 and more only
     "min24": {"_ONEDNN_MIN_SIDE": 24},
+    # oneDNN's forward pass on 3x3 maps too (the default takes XLA's there, oneDNN's gradients)
+    "onednn-forward": {"_XLA_FORWARD_MAX_SIDE": 0},
 }
 
 
-def child(network: str, arm: str, batch: int, steps: int, samples: int) -> dict:
+def child(network: str, arm: str, batch: int, steps: int, samples: int, evaluate: bool) -> dict:
     from flaxcnn import cpu, recipes
 
     cpu.dispatch_inline_for([recipes.get(network).side])  # as train.py and bench_vs_torch
@@ -41,6 +46,11 @@ def child(network: str, arm: str, batch: int, steps: int, samples: int) -> dict:
     for k, v in ARMS[arm].items():
         setattr(layers, k, v)
     step, state, x, y = harness.compiled_train_step(network, batch)
+    if evaluate:
+        from flaxcnn import training
+
+        ev = jax.jit(training.eval_step).lower(state, x, y).compile()
+        step = lambda state, x, y: (state, ev(state, x, y))  # noqa: E731
     for _ in range(3):
         state, m = step(state, x, y)
     jax.block_until_ready(m)
@@ -63,11 +73,13 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="fresh processes per arm")
     p.add_argument("--steps", type=int, default=10, help="steps per timed sample")
     p.add_argument("--samples", type=int, default=3, help="timed samples per process")
+    p.add_argument("--eval", action="store_true", help="time eval_step, not train_step")
     p.add_argument("--out", help="JSON file for the results")
     p.add_argument("--child", nargs=2, metavar=("NETWORK", "ARM"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(*args.child, args.batch, args.steps, args.samples)), flush=True)
+        print(json.dumps(child(*args.child, args.batch, args.steps, args.samples, args.eval)),
+              flush=True)
         return 0
     info = harness.machine_info(len(os.sched_getaffinity(0)))
     out = {"machine": info, "command": " ".join(["python", *sys.argv]), "arms": ARMS,
@@ -78,7 +90,8 @@ def main(argv=None):
             for a in args.arms:
                 res = harness.run_child([__file__, "--child", net, a, "--batch",
                                          str(args.batch), "--steps", str(args.steps),
-                                         "--samples", str(args.samples)])
+                                         "--samples", str(args.samples),
+                                         *(["--eval"] if args.eval else [])])
                 if "error" in res:
                     sys.exit(f"{net} {a}: the child failed: {res['error']}")
                 rates[a].append(statistics.median(res["rates"]))

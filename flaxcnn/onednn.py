@@ -150,3 +150,18 @@ conv.defvjp(_conv_fwd, _conv_bwd)
 if __name__ == "__main__":  # what .ci/setup runs: build now, say whether it worked, never fail
     print(f"oneDNN convolutions: {reason()}" if available()
           else f"oneDNN convolutions not available, XLA's are used: {reason()}")
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_xla_forward(x, kernel, strides, padding):
+    """`conv` whose forward pass is XLA's convolution and whose gradients are oneDNN's: where
+    this oneDNN's forward kernel is the slower one (flaxcnn.models.layers chooses)."""
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _conv_xla_forward_fwd(x, kernel, strides, padding):
+    return conv_xla_forward(x, kernel, strides, padding), (x, kernel)
+
+
+conv_xla_forward.defvjp(_conv_xla_forward_fwd, _conv_bwd)

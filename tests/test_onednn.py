@@ -95,9 +95,11 @@ def test_models_take_onednn_on_cpu_only():
     args = (variables["params"], jnp.zeros((2, 32, 32, 1)))
     text = {p: export.export(jax.jit(jax.grad(loss)), platforms=[p], disabled_checks=checks)(
         *args).mlir_module() for p in ("cpu", "cuda", "tpu")}
-    # 20 convolutions: the stem (forward, kernel gradient) and 19 others (three passes each)
-    assert "stablehlo.convolution" not in text["cpu"]
-    for t, count in zip(onednn.TARGETS, (20, 19, 20), strict=True):
+    # 20 convolutions: the stem (forward, kernel gradient) and 19 others (three passes each);
+    # the three stride-1 512 -> 512 layers, on 1x1 maps at this side, forward by XLA
+    # (layers._XLA_FORWARD_MAX_SIDE) and differentiate by oneDNN
+    assert text["cpu"].count("stablehlo.convolution") == 3
+    for t, count in zip(onednn.TARGETS, (17, 19, 20), strict=True):
         assert text["cpu"].count(f"custom_call @{t}(") == count
     for p in ("cuda", "tpu"):
         assert text[p].count("stablehlo.convolution") == 20 + 19 + 20
@@ -118,6 +120,27 @@ def test_googlenet_keeps_xla_convolutions_in_its_inception_blocks():
     for t, count in zip(onednn.TARGETS, (3, 2, 3), strict=True):
         assert hlo.count(f'custom_call_target="{t}"') == count, t
     assert "convolution(" in hlo
+
+
+def test_xla_forward_with_onednn_gradients():
+    """`conv_xla_forward` (ResNet's 512 -> 512 layers on 3x3 maps): XLA's forward pass and
+    oneDNN's gradients, equal to `conv`'s within float32 rounding."""
+    x = jax.random.normal(jax.random.key(0), (3, 3, 3, 96))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 96, 128)) * 0.05
+    g = jax.random.normal(jax.random.key(2), (3, 3, 3, 128))
+    args = ((1, 1), ((1, 1), (1, 1)))
+    got, vjp_got = jax.vjp(lambda x, k: onednn.conv_xla_forward(x, k, *args), x, k)
+    want, vjp_want = jax.vjp(lambda x, k: onednn.conv(x, k, *args), x, k)
+    ref = jax.lax.conv_general_dilated(x, k, *args, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(vjp_got(g), vjp_want(g), strict=True):
+        np.testing.assert_array_equal(a, b)  # the same oneDNN calls
+    hlo = jax.jit(jax.grad(lambda x, k: onednn.conv_xla_forward(x, k, *args).sum(), (0, 1))
+                  ).lower(x, k).as_text()
+    assert "flaxcnn_onednn_conv_forward" not in hlo
+    assert "flaxcnn_onednn_conv_backward_data" in hlo
+    assert "flaxcnn_onednn_conv_backward_weights" in hlo
 
 
 def test_model_gradients_equal_with_and_without_onednn(monkeypatch):

@@ -86,8 +86,20 @@ _ONEDNN_STEMS = True
 _ONEDNN_OPT_OUTS = True
 
 
+# Stride-1 layers with at least _XLA_FORWARD_MIN_FEATURES outputs on maps of at most
+# _XLA_FORWARD_MAX_SIDE keep XLA's forward pass, with oneDNN's gradients: ResNet-18's 512 -> 512
+# layers on 3x3 maps, which Debian's oneDNN 2.6 forwards in 6.7 ms at batch 32 against XLA's
+# 3.8 (PyTorch's oneDNN 3.12: 3.4). At 256 -> 256 they tie; DenseNet's 3x3-map layers (-> 32)
+# forward 2x faster in oneDNN (benchmarks/xla_cpu_study.md). _XLA_FORWARD_MAX_SIDE = 0: none.
+_XLA_FORWARD_MAX_SIDE = 3
+_XLA_FORWARD_MIN_FEATURES = 512
+
+
 def _onednn_conv(x, kernel, strides, padding):
     (sh, sw), (ph, pw) = ops._pairs(strides), ops._pairs(padding)
+    if (min(x.shape[1:3]) <= _XLA_FORWARD_MAX_SIDE and (sh, sw) == (1, 1)
+            and kernel.shape[-1] >= _XLA_FORWARD_MIN_FEATURES):
+        return onednn.conv_xla_forward(x, kernel, (sh, sw), ((ph, ph), (pw, pw)))
     return onednn.conv(x, kernel, (sh, sw), ((ph, ph), (pw, pw)))
 
 
