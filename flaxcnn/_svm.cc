@@ -5,8 +5,9 @@
 // passes over q numbers. Compiled by XLA, a step is ~16 small kernels launched one after another
 // (2.2-3.3 us a step at q = 128-256), and on Fashion-MNIST's 10,000-image fit these steps were a
 // third of the solver's time. Here a step costs a few hundred nanoseconds. The arithmetic is the
-// same, in float32, step for step: see _inner_smo in svm.py, which stays the definition (and the
-// path on other platforms).
+// same, in float32 (see _inner_smo_xla in svm.py, which stays the definition and the path on
+// other platforms), up to rounding: XLA may fuse a multiply and an add into one FMA, this file
+// (built without -march) never does, so a near-tie can pick another variable.
 
 #include <cmath>
 #include <cstdint>

@@ -34,7 +34,7 @@ import pickle
 import platform
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 ENV = "FLAXCNN_COMPILATION_CACHE"
 OFF = ("off", "0", "none", "false", "no", "")
@@ -47,6 +47,7 @@ MIN_COMPILE_SECONDS = 0.05
 _lock = threading.Lock()
 _counts = {"hits": 0, "requests": 0}
 _listening = False
+_enabled: str | None = None  # the directory the last `enable` turned on (persistent_jit's)
 
 
 def _machine_tag() -> str:
@@ -112,9 +113,10 @@ def enable(directory: str | None = "auto") -> str | None:
     directory: a path, "off" (or None) to turn any cache off, or "auto" (see the module's
     docstring for the order). Programs compiled before the call are not cached. A directory that
     cannot be created or written gives a warning and no cache."""
-    global _listening
+    global _listening, _enabled
     import jax
 
+    _enabled = None
     if directory is not None and directory.strip().lower() in ON:
         # FLAXCNN_COMPILATION_CACHE (a path or off) before a directory configured for JAX
         ours_set = os.environ.get(ENV, "on").strip().lower() not in ON
@@ -145,6 +147,7 @@ def enable(directory: str | None = "auto") -> str | None:
     if not _listening:
         jax.monitoring.register_event_listener(_on_event)
         _listening = True
+    _enabled = directory
     return directory
 
 
@@ -174,20 +177,39 @@ def _source_hash() -> str:
 
 
 def _executables_directory() -> str | None:
+    """Where `persistent_jit` keeps its programs: only once `enable` has turned a cache on in
+    this process (a cache JAX was given some other way leaves it off), and while it stays on."""
     import jax
 
     directory = jax.config.jax_compilation_cache_dir
-    if not (directory and jax.config.jax_enable_compilation_cache) or jax.config.jax_disable_jit:
+    if (_enabled is None or not jax.config.jax_enable_compilation_cache or not directory
+            or os.path.abspath(os.path.expanduser(directory)) != _enabled
+            or jax.config.jax_disable_jit):
         return None
-    return os.path.join(os.path.abspath(os.path.expanduser(directory)), "executables")
+    return os.path.join(_enabled, "executables")
+
+
+_TRACE_STATE = "_flaxcnn_trace_state"
 
 
 class _Persistent:
     """See `persistent_jit`."""
 
-    def __init__(self, jitted, static_argnames: Sequence[str], trace_state: Callable[[], tuple]):
-        self.jitted = jitted
-        self.static_argnames = tuple(static_argnames)
+    def __init__(self, fun, trace_state: Callable[[], tuple], jit_kwargs: dict):
+        import jax
+
+        static = jit_kwargs.pop("static_argnames", ())
+        self.static_argnames = (static,) if isinstance(static, str) else tuple(static)
+
+        def traced(*args, **kwargs):  # trace_state() as a static argument: in JAX's keys too
+            kwargs.pop(_TRACE_STATE)
+            return fun(*args, **kwargs)
+
+        for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+            setattr(traced, attr, getattr(fun, attr, None))
+        self.jitted = jax.jit(traced, static_argnames=(*self.static_argnames, _TRACE_STATE),
+                              **jit_kwargs)
+        self.jit_kwargs = repr(sorted(jit_kwargs.items()))
         self.trace_state = trace_state
         self._loaded: dict = {}
         self._lock = threading.Lock()
@@ -197,13 +219,11 @@ class _Persistent:
         self._loaded.clear()
         self.jitted.clear_cache()
 
-    def _key(self, args, kwargs) -> tuple:
+    def _key(self, leaves, tree, kwargs, trace_state) -> tuple:
         import jax
         import jaxlib
 
-        dynamic = {k: v for k, v in kwargs.items() if k not in self.static_argnames}
         static = sorted((k, v) for k, v in kwargs.items() if k in self.static_argnames)
-        leaves, tree = jax.tree.flatten((args, dynamic))
         avals = tuple(
             (str(jax.typeof(x)), str(x.sharding) if isinstance(x, jax.Array) else "")
             for x in leaves
@@ -211,20 +231,28 @@ class _Persistent:
         backend = jax.devices()[0].client
         environment = (
             jax.__version__, jaxlib.__version__, backend.platform, backend.platform_version,
-            tuple(str(d) for d in jax.devices()), os.environ.get("XLA_FLAGS", ""),
+            _machine_tag(), tuple(str(d) for d in jax.devices()),
+            os.environ.get("XLA_FLAGS", ""),
             tuple(str(getattr(jax.config, name, None)) for name in _TRACE_CONFIG),
-            _source_hash(), getattr(self.jitted, "__module__", ""),
-            getattr(self.jitted, "__qualname__", ""),
+            _source_hash(), self.jitted.__module__, self.jitted.__qualname__, self.jit_kwargs,
         )
-        return (str(tree), avals, repr(static), repr(self.trace_state()), environment), dynamic
+        return str(tree), avals, repr(static), repr(trace_state), environment
 
     def __call__(self, *args, **kwargs):
+        import jax
+
+        kwargs[_TRACE_STATE] = trace_state = self.trace_state()
         directory = _executables_directory()
         if directory is None:
             return self.jitted(*args, **kwargs)
+        dynamic = {k: v for k, v in kwargs.items()
+                   if k not in self.static_argnames and k != _TRACE_STATE}
+        leaves, tree = jax.tree.flatten((args, dynamic))
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):  # inside a transformation
+            return self.jitted(*args, **kwargs)
         try:
-            key, dynamic = self._key(args, kwargs)
-        except TypeError:  # a static argument passed by position: JAX's own path
+            key = self._key(leaves, tree, kwargs, trace_state)
+        except TypeError:  # e.g. a static argument passed by position: JAX's own path
             return self.jitted(*args, **kwargs)
         compiled = self._loaded.get(key)
         if compiled is None:
@@ -239,19 +267,23 @@ class _Persistent:
         from jax.experimental import serialize_executable
 
         digest = hashlib.sha256(repr(key).encode()).hexdigest()[:32]
-        path = os.path.join(directory, f"{getattr(self.jitted, '__name__', 'fn')}-{digest}")
+        path = os.path.join(directory, f"{self.jitted.__name__}-{digest}")
         try:
             with open(path, "rb") as f:
                 compiled = serialize_executable.deserialize_and_load(*pickle.load(f))
-            os.utime(path)  # least recently used goes first
-            with _lock:
-                _counts["hits"] += 1
-                _counts["requests"] += 1
-            return compiled
         except FileNotFoundError:
             pass
         except Exception as e:  # a damaged or foreign file: compile again and replace it
             warnings.warn(f"recompiling: cannot load {path}: {e!r}", stacklevel=3)
+        else:
+            try:
+                os.utime(path)  # least recently used goes first
+            except OSError:  # a read-only cache, or evicted meanwhile: the program is loaded
+                pass
+            with _lock:
+                _counts["hits"] += 1
+                _counts["requests"] += 1
+            return compiled
         compiled = self.jitted.lower(*args, **kwargs).compile()  # JAX counts the request
         try:
             payload = pickle.dumps(serialize_executable.serialize(compiled))
@@ -269,6 +301,8 @@ class _Persistent:
 def _evict(directory: str, keep: int) -> None:
     entries = []
     for e in os.scandir(directory):
+        if e.name.endswith(".tmp"):  # another process's file being written
+            continue
         try:
             entries.append((e.stat().st_mtime, e.path))
         except OSError:
@@ -281,17 +315,16 @@ def _evict(directory: str, keep: int) -> None:
 
 
 def persistent_jit(fun, *, trace_state: Callable[[], tuple] = tuple, **jit_kwargs):
-    """`jax.jit(fun, **jit_kwargs)`, whose compiled programs are also kept on disk in the
-    compilation cache's directory (under `executables/`) and loaded by a later process without
-    tracing or lowering; with no cache enabled, calls go to the `jax.jit` function as they are.
-    Static arguments must be passed by keyword.
+    """`jax.jit(fun, **jit_kwargs)`, whose compiled programs are also kept on disk, once
+    `enable` has turned the compilation cache on, in its directory (under `executables/`), and
+    loaded by a later process without tracing or lowering. Without a cache, or inside another
+    transformation, calls go to the `jax.jit` function. Static arguments must be passed by
+    keyword; `trace_state()` (module settings `fun` reads when traced, hashable) is a static
+    argument of the `jax.jit` function too, so a changed setting is traced anew in-process.
 
-    A program is found by the call's pytree structure, abstract values and shardings, its static
-    arguments, `trace_state()` (module settings `fun` reads when traced), the versions of jax,
-    jaxlib and the backend, the devices, XLA_FLAGS, the jax options that change tracing, and a
-    hash of flaxcnn's sources."""
-    import jax
-
-    static = jit_kwargs.get("static_argnames", ())
-    static = (static,) if isinstance(static, str) else tuple(static)
-    return _Persistent(jax.jit(fun, **jit_kwargs), static, trace_state)
+    A program on disk is found by the call's pytree structure, abstract values and shardings,
+    its static arguments, `trace_state()`, the jit options, the versions of jax, jaxlib and the
+    backend, the CPU (`_machine_tag`), the devices, XLA_FLAGS, the jax options that change
+    tracing (`_TRACE_CONFIG`), and a hash of flaxcnn's sources: it is meant for flaxcnn's own
+    functions, whose code that hash covers."""
+    return _Persistent(fun, trace_state, dict(jit_kwargs))

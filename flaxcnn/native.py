@@ -116,8 +116,8 @@ def svm_available() -> bool:
             else:
                 try:
                     _svm = True, register(build_svm, SVM_TARGETS)
-                except (RuntimeError, OSError) as e:
-                    _svm = False, str(e)
+                except Exception as e:  # whatever it is, XLA's loop still works
+                    _svm = False, f"{type(e).__name__}: {e}"
         return _svm[0]
 
 

@@ -147,11 +147,6 @@ def _conv_bwd(strides, padding, res, g):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-if __name__ == "__main__":  # what .ci/setup runs: build now, say whether it worked, never fail
-    print(f"oneDNN convolutions: {reason()}" if available()
-          else f"oneDNN convolutions not available, XLA's are used: {reason()}")
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_xla_forward(x, kernel, strides, padding):
     """`conv` whose forward pass is XLA's convolution and whose gradients are oneDNN's: where
@@ -165,3 +160,8 @@ def _conv_xla_forward_fwd(x, kernel, strides, padding):
 
 
 conv_xla_forward.defvjp(_conv_xla_forward_fwd, _conv_bwd)
+
+
+if __name__ == "__main__":  # what .ci/setup runs: build now, say whether it worked, never fail
+    print(f"oneDNN convolutions: {reason()}" if available()
+          else f"oneDNN convolutions not available, XLA's are used: {reason()}")

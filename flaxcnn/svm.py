@@ -226,7 +226,7 @@ def _inner_smo(kbb, alpha, f, y, c, valid, tol, max_inner):
 
 
 def _inner_smo_native(kbb, alpha, f, y, c, valid, tol, max_inner):
-    """`_inner_smo_xla`, step for step, as one custom call (flaxcnn/_svm.cc)."""
+    """`_inner_smo_xla` as one custom call (flaxcnn/_svm.cc): the same steps, up to rounding."""
     f32 = jnp.float32
     out = (jax.ShapeDtypeStruct(alpha.shape, f32), jax.ShapeDtypeStruct((), jnp.int32))
     call = jax.ffi.ffi_call("flaxcnn_svm_inner_smo", out, vmap_method="sequential")

@@ -200,32 +200,43 @@ def _sub_problem(rng, q, n_invalid):
     return kbb, alpha.astype(np.float32), (-y * grad).astype(np.float32), y, c, valid
 
 
+
+def _gap(a, f, y, c, valid):
+    """The largest KKT violation of a working set: max f over I_up minus min f over I_low."""
+    up = valid & np.where(y > 0, a < c, a > 0)
+    low = valid & np.where(y > 0, a > 0, a < c)
+    return np.max(f[up], initial=-np.inf) - np.min(f[low], initial=np.inf)
+
 def test_native_inner_loop_takes_the_xla_loops_steps():
     """On a CPU the inner SMO loop runs in C++ (flaxcnn/_svm.cc); it is built wherever a C++
     compiler is (.ci/setup installs g++). On sub-problems with bounded, free and invalid
-    variables it takes as many steps as XLA's loop, to the same alphas (float32 rounding apart),
-    and stops at max_inner."""
+    variables it stops where XLA's loop stops (the KKT gap below the local tolerance, or
+    max_inner), after about as many steps (XLA may fuse multiply-adds, the C++ loop does not, so
+    a near-tie may go the other way), at the same alphas within the tolerance."""
     assert native.svm_available(), native.svm_reason()
     assert svm._native_inner()
     xla = jax.jit(svm._inner_smo_xla, static_argnums=7)
     cpp = jax.jit(svm._inner_smo_native, static_argnums=7)
     rng = np.random.default_rng(0)
+    tol = 1e-3
     for q, n_invalid, max_inner in ((64, 0, 10_000), (128, 9, 10_000), (128, 9, 7), (16, 16, 9)):
-        args = (*_sub_problem(rng, q, n_invalid), np.float32(1e-3))
-        a_x, it_x = xla(*args, max_inner)
-        a_c, it_c = cpp(*args, max_inner)
-        assert int(it_c) == int(it_x), (q, n_invalid, max_inner)
-        np.testing.assert_allclose(np.asarray(a_c), np.asarray(a_x), atol=1e-4)
-        kbb, alpha, _, y, c, valid = args[:6]
-        a_c = np.asarray(a_c)
+        kbb, alpha, f, y, c, valid = _sub_problem(rng, q, n_invalid)
+        a_x, it_x = xla(kbb, alpha, f, y, c, valid, np.float32(tol), max_inner)
+        a_c, it_c = cpp(kbb, alpha, f, y, c, valid, np.float32(tol), max_inner)
+        a_c, it_c, it_x = np.asarray(a_c, np.float64), int(it_c), int(it_x)
+        assert abs(it_c - it_x) <= 0.02 * it_x, (q, n_invalid, max_inner, it_c, it_x)
+        np.testing.assert_allclose(a_c, np.asarray(a_x), atol=0.01)
         assert (a_c >= 0).all() and (a_c <= c).all() and (a_c[~valid] == 0).all()
         assert abs(y @ a_c - y @ alpha) < 1e-3  # pairs move along sum y a = const
-        if max_inner == 7:
-            assert int(it_c) == 7
+        # f after the loop (f = -y G, G = Q a - 1), in float64: the stopping rule holds
+        f_end = f - kbb.astype(np.float64) @ (y * (a_c - alpha))
         if n_invalid == q:
-            assert int(it_c) == 0 and (a_c == alpha).all()
+            assert it_c == 0 and (a_c == alpha).all()
+        elif max_inner == 7:
+            assert it_c == 7
         else:
-            assert int(it_c) > 0
+            local_tol = max(tol, svm._LOCAL_FACTOR * _gap(alpha, f, y, c, valid))
+            assert 0 < it_c < max_inner and _gap(a_c, f_end, y, c, valid) < local_tol + 1e-4
 
 
 def test_fit_with_xla_inner_loop_matches(fashion_pair, monkeypatch):
