@@ -68,7 +68,7 @@ ffi::Error InnerSmo(ffi::Buffer<ffi::F32> kbb, ffi::Buffer<ffi::F32> alpha0,
   const float tol = *tol_buf.typed_data();
   const int32_t max_inner = *max_inner_buf.typed_data();
   float* a = alpha_out->typed_data();
-  std::vector<float> f_vec(f0.typed_data(), f0.typed_data() + q), diag(q), b(q);
+  std::vector<float> f_vec(f0.typed_data(), f0.typed_data() + q), diag(q);
   float* f = f_vec.data();
   for (int64_t k = 0; k < q; ++k) {
     a[k] = alpha0.typed_data()[k];
@@ -83,26 +83,24 @@ ffi::Error InnerSmo(ffi::Buffer<ffi::F32> kbb, ffi::Buffer<ffi::F32> alpha0,
     if (v.m - v.low < local_tol) break;
     const int64_t i = v.i;
     const float* ki = K + i * q;
-    // the second variable: the largest decrease of the objective (second-order selection)
+    auto curvature = [&](int64_t k) {  // of the direction (i, k), tau where not positive
+      const float curv = (diag[i] + diag[k]) - 2.0f * ki[k];
+      return curv > 0 ? curv : tau;
+    };
+    // the second variable: the largest decrease of the objective (second-order selection);
+    // with no candidate, the first (jnp.argmax of all -inf)
     int64_t j = 0;
-    float best = -kInf, a_j = 0.0f, b_j = 0.0f;
+    float best = -kInf;
     for (int64_t k = 0; k < q; ++k) {
-      float curv = (diag[i] + diag[k]) - 2.0f * ki[k];
-      if (!(curv > 0)) curv = tau;
       const float bk = v.m - f[k];
-      const float score = (Low(a[k], y[k], c[k], valid[k]) && bk > 0) ? bk * bk / curv : -kInf;
+      const float score =
+          (Low(a[k], y[k], c[k], valid[k]) && bk > 0) ? bk * bk / curvature(k) : -kInf;
       if (score > best) {
         best = score;
         j = k;
-        a_j = curv;
-        b_j = bk;
       }
     }
-    if (best == -kInf) {  // no candidate: jnp.argmax gives 0
-      a_j = (diag[i] + diag[0]) - 2.0f * ki[0];
-      if (!(a_j > 0)) a_j = tau;
-      b_j = v.m - f[0];
-    }
+    const float a_j = curvature(j), b_j = v.m - f[j];
     const float* kj = K + j * q;
     const float ai = a[i], aj = a[j];
     const float lim_i = y[i] > 0 ? c[i] - ai : ai;

@@ -28,6 +28,7 @@ Python-level key and loads it without tracing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -157,23 +158,27 @@ MAX_EXECUTABLES = 256
 _TRACE_CONFIG = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_dtype_promotion",
                  "jax_numpy_rank_promotion", "jax_default_prng_impl", "jax_debug_nans",
                  "jax_debug_infs")
-_sources: str | None = None
 
 
-def _source_hash() -> str:
-    """A hash of flaxcnn's own code: any edit makes every `persistent_jit` executable stale."""
-    global _sources
-    if _sources is None:
-        h = hashlib.sha256()
-        root = os.path.dirname(os.path.abspath(__file__))
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for name in sorted(filenames):
-                if name.endswith((".py", ".cc")):
-                    with open(os.path.join(dirpath, name), "rb") as f:
-                        h.update(name.encode() + b"\0" + f.read())
-        _sources = h.hexdigest()
-    return _sources
+@functools.cache
+def _process_environment() -> tuple:
+    """The parts of a `persistent_jit` key fixed for the process (read once, not per call): the
+    versions of jax, jaxlib and the backend, the CPU, the devices, and a hash of flaxcnn's own
+    code (any edit makes every `persistent_jit` executable stale)."""
+    import jax
+    import jaxlib
+
+    h = hashlib.sha256()
+    root = os.path.dirname(os.path.abspath(__file__))
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.endswith((".py", ".cc")):
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    h.update(name.encode() + b"\0" + f.read())
+    backend = jax.devices()[0].client
+    return (jax.__version__, jaxlib.__version__, backend.platform, backend.platform_version,
+            _machine_tag(), tuple(str(d) for d in jax.devices()), h.hexdigest())
 
 
 def _executables_directory() -> str | None:
@@ -221,20 +226,16 @@ class _Persistent:
 
     def _key(self, leaves, tree, kwargs, trace_state) -> tuple:
         import jax
-        import jaxlib
 
         static = sorted((k, v) for k, v in kwargs.items() if k in self.static_argnames)
         avals = tuple(
             (str(jax.typeof(x)), str(x.sharding) if isinstance(x, jax.Array) else "")
             for x in leaves
         )
-        backend = jax.devices()[0].client
         environment = (
-            jax.__version__, jaxlib.__version__, backend.platform, backend.platform_version,
-            _machine_tag(), tuple(str(d) for d in jax.devices()),
-            os.environ.get("XLA_FLAGS", ""),
+            *_process_environment(), os.environ.get("XLA_FLAGS", ""),
             tuple(str(getattr(jax.config, name, None)) for name in _TRACE_CONFIG),
-            _source_hash(), self.jitted.__module__, self.jitted.__qualname__, self.jit_kwargs,
+            self.jitted.__module__, self.jitted.__qualname__, self.jit_kwargs,
         )
         return str(tree), avals, repr(static), repr(trace_state), environment
 

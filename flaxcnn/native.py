@@ -35,16 +35,16 @@ def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
-def compile_library(name: str, source: Path, command: Callable[[str], list[str]],
-                    depends: Iterable[bytes], what: str, force: bool = False) -> Path:
-    """`command(out)` (a compiler command line writing the library to `out`), run once: the
-    library, `lib<name>-<hash>.so` in `cache_dir(name)`, is named by a hash of the source, the
-    compiler, jax's version (the FFI headers) and `depends`. Returns its path; raises
-    RuntimeError with the compiler's message."""
-    probe = command("OUT")
+def compile_library(name: str, source: Path, cxx: str, *, includes: Iterable[str] = (),
+                    libs: Iterable[str] = (), depends: Iterable[bytes] = (), what: str,
+                    force: bool = False) -> Path:
+    """Compile `source` with `cxx` against jaxlib's FFI headers (plus `includes`, linking
+    `libs`), once: the library, `libflaxcnn_<name>-<hash>.so` in `cache_dir(name)`, is named by
+    a hash of the source, the compiler, jax's version (the FFI headers) and `depends`. Returns
+    its path; raises RuntimeError with the compiler's message."""
     digest = hashlib.sha256(source.read_bytes())
     # (not the paths, which differ between checkouts and venvs: what they hold is in `depends`)
-    digest.update(" ".join([jax.__version__, jax.lib.__version__, probe[0], *FLAGS]).encode())
+    digest.update(" ".join([jax.__version__, jax.lib.__version__, cxx, *FLAGS]).encode())
     for d in depends:
         digest.update(d)
     target = cache_dir(name) / f"libflaxcnn_{name}-{digest.hexdigest()[:16]}.so"
@@ -58,7 +58,9 @@ def compile_library(name: str, source: Path, command: Callable[[str], list[str]]
     try:
         print(f"flaxcnn: compiling {what} into {target.parent} (once)", file=sys.stderr,
               flush=True)
-        proc = subprocess.run(command(tmp), capture_output=True, text=True)
+        cmd = [cxx, *FLAGS, "-isystem", jax.ffi.include_dir(), *includes, str(source), "-o", tmp,
+               *libs]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"compiling {source.name} failed:\n{proc.stderr[-4000:]}")
         os.replace(tmp, target)
@@ -68,17 +70,45 @@ def compile_library(name: str, source: Path, command: Callable[[str], list[str]]
     return target
 
 
-def register(build: Callable[..., Path], targets: dict[str, str]) -> str:
-    """Load the library `build()` gives (rebuilt if a cached one no longer loads) and register
-    its handlers (custom-call target -> symbol) for the CPU. Returns what was loaded."""
-    try:
-        lib = ctypes.CDLL(str(build()))
-    except OSError:  # a cached library that no longer loads (a shared library replaced)
-        lib = ctypes.CDLL(str(build(force=True)))
-    for name, symbol in targets.items():
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
-                                    platform="cpu")
-    return f"loaded {lib._name}"
+class Library:
+    """A library of CPU custom calls: `build()` (its path; rebuilt with `build(force=True)` if a
+    cached one no longer loads), loaded and its handlers (custom-call target -> symbol)
+    registered once per process, whichever thread asks first, unless `opt_out_env` is set (any
+    non-empty value but `0`). Any failure leaves it unavailable, saying why."""
+
+    def __init__(self, build: Callable[..., Path], targets: dict[str, str], opt_out_env: str):
+        self.build, self.targets, self.opt_out_env = build, targets, opt_out_env
+        self._lock = threading.Lock()
+        self._state: tuple[bool, str] | None = None
+
+    def _load(self) -> tuple[bool, str]:
+        with self._lock:
+            if self._state is None:
+                self._state = self._load_locked()
+            return self._state
+
+    def _load_locked(self) -> tuple[bool, str]:
+        if os.environ.get(self.opt_out_env, "") not in ("", "0"):
+            return False, f"{self.opt_out_env} is set"
+        try:
+            try:
+                lib = ctypes.CDLL(str(self.build()))
+            except OSError:  # a cached library that no longer loads (a shared library replaced)
+                lib = ctypes.CDLL(str(self.build(force=True)))
+            for name, symbol in self.targets.items():
+                jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                            platform="cpu")
+        except Exception as e:  # whatever it is, XLA's own code still runs
+            return False, str(e)
+        return True, f"loaded {lib._name}"
+
+    def available(self) -> bool:
+        """Whether the library is built and registered (builds it on the first call)."""
+        return self._load()[0]
+
+    def reason(self) -> str:
+        """Why `available()` is what it is."""
+        return self._load()[1]
 
 
 # ------------------------------------------------------------------------------------------
@@ -95,35 +125,14 @@ def build_svm(force: bool = False) -> Path:
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++ or $CXX)")
-    return compile_library(
-        "svm", SVM_SOURCE,
-        lambda out: [cxx, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SVM_SOURCE), "-o", out],
-        (), "the SVM solver's inner loop", force)
+    return compile_library("svm", SVM_SOURCE, cxx, what="the SVM solver's inner loop",
+                           force=force)
 
 
-_lock = threading.Lock()
-_svm: tuple[bool, str] | None = None
-
-
-def svm_available() -> bool:
-    """Whether the SVM's inner loop is built and registered (builds it on first call, on a CPU
-    backend only); `svm_reason()` says why not."""
-    global _svm
-    with _lock:
-        if _svm is None:
-            if os.environ.get(SVM_OPT_OUT_ENV, "") not in ("", "0"):
-                _svm = False, f"{SVM_OPT_OUT_ENV} is set"
-            else:
-                try:
-                    _svm = True, register(build_svm, SVM_TARGETS)
-                except Exception as e:  # whatever it is, XLA's loop still works
-                    _svm = False, f"{type(e).__name__}: {e}"
-        return _svm[0]
-
-
-def svm_reason() -> str:
-    svm_available()
-    return _svm[1]
+_svm = Library(build_svm, SVM_TARGETS, SVM_OPT_OUT_ENV)
+# whether the SVM's inner loop is built and registered (builds it on first call; svm.py asks on
+# a CPU backend only), and why not
+svm_available, svm_reason = _svm.available, _svm.reason
 
 
 if __name__ == "__main__":  # what .ci/setup runs: build now, say whether it worked, never fail

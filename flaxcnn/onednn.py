@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from functools import partial
 from pathlib import Path
 
@@ -36,10 +35,6 @@ TARGETS = {  # custom-call target -> handler symbol in _onednn.cc
 _HEADER_DIRS = ("/usr/include", "/usr/local/include", sys.prefix + "/include")
 
 
-def _opted_out() -> bool:
-    return os.environ.get(OPT_OUT_ENV, "") not in ("", "0")
-
-
 def _compiler() -> str | None:
     return native.compiler()
 
@@ -49,11 +44,6 @@ def _dnnl_include() -> str | None:
         if os.path.exists(os.path.join(d, "oneapi", "dnnl", "dnnl.hpp")):
             return d
     return None
-
-
-def _command(cxx: str, include: str, out: str) -> list[str]:
-    return [cxx, *native.FLAGS, "-isystem", jax.ffi.include_dir(), "-I", include, str(SOURCE),
-            "-o", out, "-ldnnl"]
 
 
 def build(force: bool = False) -> Path:
@@ -68,41 +58,23 @@ def build(force: bool = False) -> Path:
     headers = [os.path.join(include, "oneapi", "dnnl", h) for h in ("dnnl_version.h",
                                                                     "dnnl_config.h")]
     return native.compile_library(
-        "onednn", SOURCE, partial(_command, cxx, include),
-        [Path(h).read_bytes() for h in headers if os.path.exists(h)],
-        "oneDNN's convolutions", force)
+        "onednn", SOURCE, cxx, includes=["-I", include], libs=["-ldnnl"],
+        depends=[Path(h).read_bytes() for h in headers if os.path.exists(h)],
+        what="oneDNN's convolutions", force=force)
 
 
-_lock = threading.Lock()
-_loaded: tuple[bool, str] | None = None
-
-
-def _load() -> tuple[bool, str]:
-    """Build (if needed), load and register once per process, whichever thread asks first."""
-    global _loaded
-    with _lock:
-        if _loaded is None:
-            _loaded = _load_locked()
-        return _loaded
-
-
-def _load_locked() -> tuple[bool, str]:
-    if _opted_out():
-        return False, f"{OPT_OUT_ENV} is set"
-    try:
-        return True, native.register(build, TARGETS)
-    except (RuntimeError, OSError) as e:
-        return False, str(e)
+# `build`, looked up when first needed (tests replace it)
+_library = native.Library(lambda force=False: build(force), TARGETS, OPT_OUT_ENV)
 
 
 def available() -> bool:
     """Whether the oneDNN convolutions are built and registered (builds them on first call)."""
-    return _load()[0]
+    return _library.available()
 
 
 def reason() -> str:
     """Why `available()` is what it is."""
-    return _load()[1]
+    return _library.reason()
 
 
 def _attrs(strides, padding):
