@@ -8,6 +8,7 @@ model is built:
     python benchmarks/layer_choice_ab.py --networks googlenet --rounds 3
     python benchmarks/layer_choice_ab.py --networks resnet18 densenet --arms default min12 xla
     python benchmarks/layer_choice_ab.py --networks resnet18 --arms default onednn-forward --eval
+    python benchmarks/layer_choice_ab.py --arms default onednn-prefix --onednn-prefix /opt/dnnl
 
 `--eval` times the eval-mode forward pass (`training.eval_step`) instead of the training step.
 """
@@ -32,11 +33,37 @@ ARMS = {
     "min24": {"_ONEDNN_MIN_SIDE": 24},
     # oneDNN's forward pass on 3x3 maps too (the default takes XLA's there, oneDNN's gradients)
     "onednn-forward": {"_XLA_FORWARD_MAX_SIDE": 0},
+    # 1x1 stride-1 layers as matrix products (forward and both gradients; YNNPACK's GEMMs)
+    "dot1x1": {},
+    # the default choices with another oneDNN build (--onednn-prefix; onednn.PREFIX_ENV)
+    "onednn-prefix": {},
 }
+_PREFIX = "FLAXCNN_AB_ONEDNN_PREFIX"  # --onednn-prefix, for the children of that arm
+
+
+def _dot_1x1(layers):
+    import jax.numpy as jnp
+
+    choose = layers._cpu_convolution
+
+    def dot(x, kernel):
+        n, h, w, c = x.shape
+        return jnp.dot(x.reshape(-1, c), kernel.reshape(c, -1)).reshape(n, h, w, -1)
+
+    def chosen(x, k, strides, padding, use_onednn=True):
+        if k == 1 and strides == 1 and padding == 0 and x.dtype == jnp.float32:
+            return dot
+        return choose(x, k, strides, padding, use_onednn)
+
+    layers._cpu_convolution = chosen
 
 
 def child(network: str, arm: str, batch: int, steps: int, samples: int, evaluate: bool) -> dict:
-    from flaxcnn import cpu, recipes
+    from flaxcnn import cpu, onednn, recipes
+
+    os.environ.pop(onednn.PREFIX_ENV, None)
+    if arm == "onednn-prefix":
+        os.environ[onednn.PREFIX_ENV] = os.environ[_PREFIX]
 
     cpu.dispatch_inline_for([recipes.get(network).side])  # as train.py and bench_vs_torch
     import jax
@@ -45,6 +72,8 @@ def child(network: str, arm: str, batch: int, steps: int, samples: int, evaluate
 
     for k, v in ARMS[arm].items():
         setattr(layers, k, v)
+    if arm == "dot1x1":
+        _dot_1x1(layers)
     step, state, x, y = harness.compiled_train_step(network, batch)
     if evaluate:
         from flaxcnn import training
@@ -75,14 +104,20 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=3, help="timed samples per process")
     p.add_argument("--eval", action="store_true", help="time eval_step, not train_step")
     p.add_argument("--out", help="JSON file for the results")
+    p.add_argument("--onednn-prefix", help="the oneDNN installation of the onednn-prefix arm")
     p.add_argument("--child", nargs=2, metavar=("NETWORK", "ARM"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(*args.child, args.batch, args.steps, args.samples, args.eval)),
               flush=True)
         return 0
+    if "onednn-prefix" in args.arms:
+        if not args.onednn_prefix:
+            p.error("the onednn-prefix arm needs --onednn-prefix")
+        os.environ[_PREFIX] = os.path.abspath(args.onednn_prefix)
     info = harness.machine_info(len(os.sched_getaffinity(0)))
     out = {"machine": info, "command": " ".join(["python", *sys.argv]), "arms": ARMS,
+           "onednn_prefix": args.onednn_prefix,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": {}}
     for net in args.networks:
         rates = {a: [] for a in args.arms}

@@ -7,6 +7,9 @@ networks' layers, and its kernel gradients read transposed copies of both operan
 `~/.cache/flaxcnn/onednn` (or `$FLAXCNN_CACHE_DIR/onednn`), loads it and registers three CPU
 custom calls; `conv` is a differentiable convolution built on them.
 
+`FLAXCNN_ONEDNN_PREFIX` names another oneDNN installation (its `include/` and `lib/`, e.g. one
+built from source) to compile and link against instead of the system's.
+
 It is optional. `available()` is False, and `reason()` says why, when there is no C++ compiler,
 no oneDNN headers, or `FLAXCNN_NO_ONEDNN` is set (any non-empty value but `0`); the models then
 keep XLA's convolution. Only float32 on the CPU takes this path.
@@ -26,6 +29,7 @@ import numpy as np
 from flaxcnn import native
 
 OPT_OUT_ENV = "FLAXCNN_NO_ONEDNN"
+PREFIX_ENV = "FLAXCNN_ONEDNN_PREFIX"
 SOURCE = Path(__file__).with_name("_onednn.cc")
 TARGETS = {  # custom-call target -> handler symbol in _onednn.cc
     "flaxcnn_onednn_conv_forward": "FlaxcnnConvForward",
@@ -39,8 +43,13 @@ def _compiler() -> str | None:
     return native.compiler()
 
 
+def _prefix() -> str | None:
+    return os.environ.get(PREFIX_ENV) or None
+
+
 def _dnnl_include() -> str | None:
-    for d in _HEADER_DIRS:
+    prefix = _prefix()
+    for d in (os.path.join(prefix, "include"),) if prefix else _HEADER_DIRS:
         if os.path.exists(os.path.join(d, "oneapi", "dnnl", "dnnl.hpp")):
             return d
     return None
@@ -53,13 +62,20 @@ def build(force: bool = False) -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++ or $CXX)")
     if include is None:
-        raise RuntimeError("no oneDNN headers (oneapi/dnnl/dnnl.hpp; Debian: libdnnl-dev)")
+        where = f" under ${PREFIX_ENV}={_prefix()}" if _prefix() else ""
+        raise RuntimeError(f"no oneDNN headers{where} (oneapi/dnnl/dnnl.hpp; Debian: libdnnl-dev)")
+    libs = ["-ldnnl"]
+    if _prefix():
+        lib = os.path.join(_prefix(), "lib")
+        libs = ["-L", lib, f"-Wl,-rpath,{lib}", "-ldnnl"]
     # the installed oneDNN's version and configuration headers are part of the library's name
     headers = [os.path.join(include, "oneapi", "dnnl", h) for h in ("dnnl_version.h",
                                                                     "dnnl_config.h")]
     return native.compile_library(
-        "onednn", SOURCE, cxx, includes=["-I", include], libs=["-ldnnl"],
-        depends=[Path(h).read_bytes() for h in headers if os.path.exists(h)],
+        "onednn", SOURCE, cxx, includes=["-I", include], libs=libs,
+        # (with a prefix, its path too: the library is linked to it by rpath)
+        depends=[Path(h).read_bytes() for h in headers if os.path.exists(h)]
+        + [(_prefix() or "").encode()],
         what="oneDNN's convolutions", force=force)
 
 
