@@ -36,14 +36,19 @@ def main(argv=None):
     args = p.parse_args(argv)
     if FLAG not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FLAG).strip()
+    from flaxcnn import cpu, recipes
+
+    # as train.py and bench_vs_torch run: glibc's huge pages kept mapped, steps dispatched
+    # inline where that is faster (without them the profile shows page faults, not the step)
+    cpu.reexec_with_huge_pages()
+    side = args.side or recipes.get(args.network).side
+    cpu.dispatch_inline_for([side])
 
     import jax
     import jax.numpy as jnp
 
-    import flaxcnn  # noqa: F401 - XLA:CPU defaults
-    from flaxcnn import models, recipes, training
+    from flaxcnn import models, training
 
-    side = args.side or recipes.get(args.network).side
     model = models.create(args.network)
     state = training.create_train_state(model, jax.random.key(0), side, training.sgd(0.01))
     x = jax.random.uniform(jax.random.key(1), (args.batch, side, side, 1))
