@@ -47,6 +47,10 @@ def _prefix() -> str | None:
     return os.environ.get(PREFIX_ENV) or None
 
 
+def _listdir(d: str) -> list[str]:
+    return os.listdir(d) if os.path.isdir(d) else []
+
+
 def _dnnl_include() -> str | None:
     prefix = _prefix()
     for d in (os.path.join(prefix, "include"),) if prefix else _HEADER_DIRS:
@@ -65,8 +69,10 @@ def build(force: bool = False) -> Path:
         where = f" under ${PREFIX_ENV}={_prefix()}" if _prefix() else ""
         raise RuntimeError(f"no oneDNN headers{where} (oneapi/dnnl/dnnl.hpp; Debian: libdnnl-dev)")
     libs = ["-ldnnl"]
-    if _prefix():
-        lib = os.path.join(_prefix(), "lib")
+    if _prefix():  # (lib64 where CMake's GNUInstallDirs chose it)
+        lib = next((d for d in (os.path.join(_prefix(), s) for s in ("lib", "lib64"))
+                    if any(f.startswith("libdnnl.so") for f in _listdir(d))),
+                   os.path.join(_prefix(), "lib"))
         libs = ["-L", lib, f"-Wl,-rpath,{lib}", "-ldnnl"]
     # the installed oneDNN's version and configuration headers are part of the library's name
     headers = [os.path.join(include, "oneapi", "dnnl", h) for h in ("dnnl_version.h",

@@ -202,14 +202,15 @@ def test_build_errors_name_what_is_missing(monkeypatch, tmp_path):
 
 def test_another_onednn_by_prefix(monkeypatch, tmp_path):
     """FLAXCNN_ONEDNN_PREFIX: compiled against that installation's headers and linked to its
-    library by rpath, under a name of its own (here a prefix that mirrors the system's)."""
+    library by rpath, under a name of its own (here a prefix that mirrors the system's, its
+    library in lib64/ as CMake installs it on some distributions)."""
     monkeypatch.delenv(onednn.PREFIX_ENV, raising=False)
     include = onednn._dnnl_include()
     lib = next(os.path.dirname(p) for p in ("/usr/lib/x86_64-linux-gnu/libdnnl.so",
                                             "/usr/lib/aarch64-linux-gnu/libdnnl.so",
                                             "/usr/lib/libdnnl.so") if os.path.exists(p))
     (tmp_path / "include").symlink_to(include)
-    (tmp_path / "lib").symlink_to(lib)
+    (tmp_path / "lib64").symlink_to(lib)
     monkeypatch.setenv("FLAXCNN_CACHE_DIR", str(tmp_path / "cache"))
     default = onednn.build()
     monkeypatch.setenv(onednn.PREFIX_ENV, str(tmp_path))
@@ -217,8 +218,8 @@ def test_another_onednn_by_prefix(monkeypatch, tmp_path):
     assert built != default and built.parent == default.parent
     dynamic = subprocess.run(["readelf", "-d", str(built)], capture_output=True, text=True,
                              check=True).stdout
-    assert f"[{tmp_path}/lib]" in dynamic and "libdnnl.so" in dynamic
-    assert f"[{tmp_path}/lib]" not in subprocess.run(["readelf", "-d", str(default)],
+    assert f"[{tmp_path}/lib64]" in dynamic and "libdnnl.so" in dynamic
+    assert f"[{tmp_path}/lib64]" not in subprocess.run(["readelf", "-d", str(default)],
                                                      capture_output=True, text=True).stdout
 
 
