@@ -33,6 +33,9 @@ ARMS = {
     "min24": {"_ONEDNN_MIN_SIDE": 24},
     # oneDNN's forward pass on 3x3 maps too (the default takes XLA's there, oneDNN's gradients)
     "onednn-forward": {"_XLA_FORWARD_MAX_SIDE": 0},
+    # every 1x1 layer that keeps XLA's convolution (GoogLeNet's Inception blocks) with its
+    # kernel gradient as one matrix product (ops.conv_1x1), not only those on 26x26 maps and up
+    "conv1x1-all": {"_LARGE_1X1": 1},
     # 1x1 stride-1 layers as matrix products (forward and both gradients; YNNPACK's GEMMs)
     "dot1x1": {},
     # the default choices with another oneDNN build (--onednn-prefix; onednn.PREFIX_ENV)
