@@ -35,6 +35,7 @@ ARMS = {
     "onednn-forward": {"_XLA_FORWARD_MAX_SIDE": 0},
     # every 1x1 layer that keeps XLA's convolution (GoogLeNet's Inception blocks) with its
     # kernel gradient as one matrix product (ops.conv_1x1), not only those on 26x26 maps and up
+    # (xla_cpu_study.py's dw1x1)
     "conv1x1-all": {"_LARGE_1X1": 1},
     # 1x1 stride-1 layers as matrix products (forward and both gradients; YNNPACK's GEMMs)
     "dot1x1": {},
@@ -45,17 +46,17 @@ _PREFIX = "FLAXCNN_AB_ONEDNN_PREFIX"  # --onednn-prefix, for the children of tha
 
 
 def _dot_1x1(layers):
+    """The dot1x1 arm: every float32 1x1, stride-1, unpadded layer as a matrix product
+    (`harness.dot_1x1`), before the CPU paths (oneDNN's included) are considered."""
+    from functools import partial
+
     import jax.numpy as jnp
 
     choose = layers._cpu_convolution
 
-    def dot(x, kernel):
-        n, h, w, c = x.shape
-        return jnp.dot(x.reshape(-1, c), kernel.reshape(c, -1)).reshape(n, h, w, -1)
-
     def chosen(x, k, strides, padding, use_onednn=True):
         if k == 1 and strides == 1 and padding == 0 and x.dtype == jnp.float32:
-            return dot
+            return partial(harness.dot_1x1, None, strides=1, padding=0)
         return choose(x, k, strides, padding, use_onednn)
 
     layers._cpu_convolution = chosen

@@ -112,17 +112,6 @@ def _reduce_avg(x, window, strides, padding):
                              ((0, 0), (ph, ph), (pw, pw), (0, 0))) / (kh * kw)
 
 
-def _dot1x1(conv, x, kernel, strides, padding, precision=None):
-    """`ops.conv_nhwc`, except that a 1x1, stride-1, unpadded convolution is computed as the
-    (N*H*W, C) @ (C, O) matrix product it is (the "dot1x1" variant)."""
-    import jax.numpy as jnp
-
-    if kernel.shape[:2] == (1, 1) and strides in (1, (1, 1)) and padding in (0, (0, 0)):
-        y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel[0, 0], precision=precision)
-        return y.reshape(*x.shape[:-1], kernel.shape[-1])
-    return conv(x, kernel, strides, padding, precision)
-
-
 def _flax_batch_norm(train, dtype):
     """`resnet.batch_norm_layer` as it was: flax.linen.BatchNorm with PyTorch's settings (the
     "flaxbn" variant)."""
@@ -175,7 +164,7 @@ def build(name, batch, side, config, k_scan):
         patches.update(_max_pool=ops._reduce_max, _avg_pool=_reduce_avg)
     variants = {
         # 1x1 convolutions as (N*H*W, C) @ (C, O) matrix products
-        "dot1x1": {"conv_nhwc": partial(_dot1x1, xla_conv)},
+        "dot1x1": {"conv_nhwc": partial(harness.dot_1x1, xla_conv)},
         # only their kernel gradient as a matrix product (ops.conv_1x1), whatever the map size
         "dw1x1": {"layers._LARGE_1X1": 1},
         # XLA's convolutions (and the ops paths) instead of oneDNN's custom calls

@@ -17,6 +17,7 @@ keep XLA's convolution. Only float32 on the CPU takes this path.
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from functools import partial
@@ -47,10 +48,6 @@ def _prefix() -> str | None:
     return os.environ.get(PREFIX_ENV) or None
 
 
-def _listdir(d: str) -> list[str]:
-    return os.listdir(d) if os.path.isdir(d) else []
-
-
 def _dnnl_include() -> str | None:
     prefix = _prefix()
     for d in (os.path.join(prefix, "include"),) if prefix else _HEADER_DIRS:
@@ -62,26 +59,25 @@ def _dnnl_include() -> str | None:
 def build(force: bool = False) -> Path:
     """Compile `_onednn.cc` once (`force`: again) and return the library's path. Raises
     RuntimeError with the compiler's message, or naming what is missing."""
-    cxx, include = _compiler(), _dnnl_include()
+    cxx, include, prefix = _compiler(), _dnnl_include(), _prefix()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++ or $CXX)")
     if include is None:
-        where = f" under ${PREFIX_ENV}={_prefix()}" if _prefix() else ""
+        where = f" under ${PREFIX_ENV}={prefix}" if prefix else ""
         raise RuntimeError(f"no oneDNN headers{where} (oneapi/dnnl/dnnl.hpp; Debian: libdnnl-dev)")
     libs = ["-ldnnl"]
-    if _prefix():  # (lib64 where CMake's GNUInstallDirs chose it)
-        lib = next((d for d in (os.path.join(_prefix(), s) for s in ("lib", "lib64"))
-                    if any(f.startswith("libdnnl.so") for f in _listdir(d))),
-                   os.path.join(_prefix(), "lib"))
+    if prefix:  # linked by rpath, from lib/ or (CMake's GNUInstallDirs on some systems) lib64/
+        lib = next((d for d in (os.path.join(prefix, s) for s in ("lib", "lib64"))
+                    if glob.glob(os.path.join(d, "libdnnl.so*"))), os.path.join(prefix, "lib"))
         libs = ["-L", lib, f"-Wl,-rpath,{lib}", "-ldnnl"]
-    # the installed oneDNN's version and configuration headers are part of the library's name
+    # the installed oneDNN's version and configuration headers are part of the library's name,
+    # and a prefix's path (the library is linked to it)
     headers = [os.path.join(include, "oneapi", "dnnl", h) for h in ("dnnl_version.h",
                                                                     "dnnl_config.h")]
     return native.compile_library(
         "onednn", SOURCE, cxx, includes=["-I", include], libs=libs,
-        # (with a prefix, its path too: the library is linked to it by rpath)
-        depends=[Path(h).read_bytes() for h in headers if os.path.exists(h)]
-        + [(_prefix() or "").encode()],
+        depends=[*(Path(h).read_bytes() for h in headers if os.path.exists(h)),
+                 (prefix or "").encode()],
         what="oneDNN's convolutions", force=force)
 
 

@@ -200,12 +200,12 @@ def _sub_problem(rng, q, n_invalid):
     return kbb, alpha.astype(np.float32), (-y * grad).astype(np.float32), y, c, valid
 
 
-
 def _gap(a, f, y, c, valid):
     """The largest KKT violation of a working set: max f over I_up minus min f over I_low."""
     up = valid & np.where(y > 0, a < c, a > 0)
     low = valid & np.where(y > 0, a > 0, a < c)
     return np.max(f[up], initial=-np.inf) - np.min(f[low], initial=np.inf)
+
 
 def test_native_inner_loop_takes_the_xla_loops_steps():
     """On a CPU the inner SMO loop runs in C++ (flaxcnn/_svm.cc); it is built wherever a C++
