@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxcnn import native
+from flaxcnn import native, ops
 
 OPT_OUT_ENV = "FLAXCNN_NO_ONEDNN"
 PREFIX_ENV = "FLAXCNN_ONEDNN_PREFIX"
@@ -140,9 +140,15 @@ conv.defvjp(_conv_fwd, _conv_bwd)
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_xla_forward(x, kernel, strides, padding):
     """`conv` whose forward pass is XLA's convolution and whose gradients are oneDNN's: where
-    this oneDNN's forward kernel is the slower one (flaxcnn.models.layers chooses)."""
-    return jax.lax.conv_general_dilated(x, kernel, strides, padding,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    this oneDNN's forward kernel is the slower one (flaxcnn.models.layers chooses).
+
+    The output is materialised (`ops.materialize`) so that the convolution stays XLA's own:
+    otherwise, when a matrix product follows through elementwise work only (ResNet-18's last
+    three layers, then the average pool and the linear layer, in eval mode), YNNPACK's dot
+    fusion takes the convolutions into its graph and runs them more slowly (ResNet-18's
+    inference 1.10x faster with the copy; benchmarks/xla_cpu_study.md)."""
+    return ops.materialize(jax.lax.conv_general_dilated(
+        x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")))
 
 
 def _conv_xla_forward_fwd(x, kernel, strides, padding):

@@ -33,7 +33,7 @@ def _pad_hw(x, padding, value=0.0):
     return jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)), constant_values=value)
 
 
-def _materialize(a):
+def materialize(a):
     """`a`, computed once into its own buffer: a fusion barrier for XLA:CPU.
 
     XLA fuses cheap elementwise producers into every consumer, duplicating them. The argmax
@@ -50,7 +50,7 @@ def _materialize(a):
     """
     if jnp.issubdtype(a.dtype, jnp.floating):
         bits = lax.bitcast_convert_type(a, jnp.dtype(f"int{a.dtype.itemsize * 8}"))
-        return lax.bitcast_convert_type(_materialize(bits), a.dtype)
+        return lax.bitcast_convert_type(materialize(bits), a.dtype)
     zero = jnp.zeros((), a.dtype)
     return lax.reduce(jnp.stack([a, jnp.zeros_like(a)]), zero, lax.bitwise_or, (0,))
 
@@ -183,11 +183,11 @@ def _max_pool_bwd(window, strides, padding, x, g):
         idx = jnp.where(take, jnp.asarray(k, idx_dtype), idx)
     # g too: it is read at up to k*k places, and XLA would otherwise recompute whatever
     # produced it (in DenseNet, five BatchNorm backward passes summed) at each of them.
-    idx, g = _materialize(idx), _materialize(g)
+    idx, g = materialize(idx), materialize(g)
     zero = jnp.zeros((), g.dtype)
     routed = {(di, dj): jnp.where(idx == di * kw + dj, g, zero)
               for di in range(kh) for dj in range(kw)}
-    return (_materialize(_scatter_windows(routed, strides, padding, x.shape[1:3])),)
+    return (materialize(_scatter_windows(routed, strides, padding, x.shape[1:3])),)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
@@ -209,7 +209,7 @@ def max_pool(x, kernel_size, strides, padding=0):
 
 
 def _pool_input(x):
-    """The average pool's input, materialised once (`_materialize`).
+    """The average pool's input, materialised once (`materialize`).
 
     Otherwise XLA fuses the input's producer into the pooling loop, which then runs it
     per window offset on strided slices with the channels innermost: LeNet's first
@@ -217,7 +217,7 @@ def _pool_input(x):
     pool at 19 ms of CPU per batch of 256 in inference, 6 ms with this copy. Max-pools keep
     the fusion: their producers (bias, ReLU) are cheap, and the copy cost AlexNet, VGG, NiN and
     GoogLeNet 3-9% in inference (benchmarks/xla_cpu_study.md)."""
-    return _materialize(x)
+    return materialize(x)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -238,9 +238,9 @@ def _avg_pool_fwd(x, window, strides, padding):
 
 def _avg_pool_bwd(window, strides, padding, in_hw, g):
     (kh, kw) = window
-    share = _materialize(g) / (kh * kw)  # read k*k times: computed once (see _max_pool_bwd)
+    share = materialize(g) / (kh * kw)  # read k*k times: computed once (see _max_pool_bwd)
     routed = {(di, dj): share for di in range(kh) for dj in range(kw)}
-    return (_materialize(_scatter_windows(routed, strides, padding, in_hw)),)
+    return (materialize(_scatter_windows(routed, strides, padding, in_hw)),)
 
 
 _avg_pool.defvjp(_avg_pool_fwd, _avg_pool_bwd)
@@ -302,7 +302,7 @@ def _one_channel_output(y):
     """`conv_one_channel`'s output when differentiated, materialised: BatchNorm's statistics and
     its backward pass read it in five loops, and XLA fused the k*k multiply-adds into each
     (benchmarks/xla_cpu_study.md). Inference keeps the fusion into the next layer."""
-    return _materialize(y)
+    return materialize(y)
 
 
 def _conv_one_channel_fwd(x, kernel, padding):
@@ -350,7 +350,7 @@ def _conv_few_channels_bwd(padding, res, g):
                         ((0, 0, 0), (i, k_h - 1 - i, 0), (j, k_w - 1 - j, 0), (0, 0, 0)))
             dxp = t if dxp is None else dxp + t
     # A product with the identity, as a fusion barrier: XLA:CPU fused these k*k adds (and
-    # `_materialize`'s reduction) into the consumer, LeNet's 2x2 average-pool gradient, which
+    # `materialize`'s reduction) into the consumer, LeNet's 2x2 average-pool gradient, which
     # reads each element 4 times: 100 adds per element, 6 ms. A library dot is never fused.
     dxp = jnp.dot(dxp.reshape(-1, c), jnp.eye(c, dtype=dxp.dtype)).reshape(dxp.shape)
     _, vjp = jax.vjp(lambda k: conv_nhwc(x, k, 1, padding), kernel)
@@ -390,8 +390,8 @@ conv_1x1.defvjp(_conv_1x1_fwd, _conv_1x1_bwd)
 
 
 def _padded(x, padding):
-    """x zero-padded (H and W) into its own buffer (`_materialize`: see `conv_small_input`)."""
-    return _materialize(_pad_hw(x, padding))
+    """x zero-padded (H and W) into its own buffer (`materialize`: see `conv_small_input`)."""
+    return materialize(_pad_hw(x, padding))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))

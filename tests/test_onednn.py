@@ -5,6 +5,7 @@ available: a machine without them fails loudly rather than skipping.
 """
 
 import os
+import re
 import subprocess
 import sys
 from functools import partial
@@ -141,6 +142,30 @@ def test_xla_forward_with_onednn_gradients():
     assert "flaxcnn_onednn_conv_forward" not in hlo
     assert "flaxcnn_onednn_conv_backward_data" in hlo
     assert "flaxcnn_onednn_conv_backward_weights" in hlo
+
+
+def _ynn_fusion_bodies(hlo: str) -> list[str]:
+    """The fused computations of a compiled program's YNNPACK fusions."""
+    names = re.findall(r'calls=(%[\w.]+),[^\n]*"__ynn_fusion"', hlo)
+    return [re.search("\n" + re.escape(n) + r" .*?\n}", hlo, re.S).group(0) for n in names]
+
+
+def test_xla_forward_convolutions_stay_out_of_ynnpack_fusions():
+    """ResNet-18 in eval mode: its last three layers (`conv_xla_forward`) reach the linear
+    layer's matrix product through elementwise work and the average pool only, and YNNPACK's dot
+    fusion took them into its graph, 1.10x slower (benchmarks/xla_cpu_study.md); the
+    materialised output keeps them XLA's."""
+    from flaxcnn import models
+
+    model = models.create("resnet18")
+    variables = jax.jit(partial(model.init, train=False))(jax.random.key(0),
+                                                          jnp.zeros((1, 96, 96, 1)))
+    hlo = jax.jit(partial(model.apply, train=False)).lower(
+        variables, jnp.zeros((2, 96, 96, 1))).compile().as_text()
+    bodies = _ynn_fusion_bodies(hlo)
+    assert bodies, "no YNNPACK fusion: the project's XLA flags are not in effect"
+    assert not [b for b in bodies if "convolution(" in b]
+    assert hlo.count("convolution(") == 3  # the three layers, XLA's forward pass
 
 
 def test_model_gradients_equal_with_and_without_onednn(monkeypatch):
