@@ -84,6 +84,22 @@ def test_max_pool_network_shapes(ksp):
             check(*ksp, (2, side, side, 4), "relu", seed=side)
 
 
+def test_max_pool_padding_fuses_into_the_pooling():
+    """An Inception block's pool branch: the max-pool's input is also read by another layer.
+    Sliced from one padded copy, XLA:CPU made that copy a kernel of its own (GoogLeNet's eval
+    step: 11 of them); padded term by term (`ops._window_terms`) it fuses into the pooling."""
+
+    def branches(x, k1, k2):
+        return (ops.conv_nhwc(x, k1, 1, 0),
+                ops.conv_nhwc(ops.max_pool(x, 3, 1, 1), k2, 1, 0))
+
+    args = (jnp.zeros((2, 12, 12, 16)), jnp.zeros((1, 1, 16, 8)), jnp.zeros((1, 1, 16, 8)))
+    hlo = jax.jit(branches).lower(*args).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    kernels = [line.split("=")[0].strip() for line in entry.splitlines()[1:] if "fusion(" in line]
+    assert kernels == ["%pad_maximum_fusion"], kernels
+
+
 def test_all_minus_inf_window_goes_to_first_real_position():
     # PyTorch never picks a padded position: a window of -inf routes to its first real element.
     x = np.full((1, 4, 4, 1), -np.inf, np.float32)
