@@ -88,7 +88,8 @@ def layer_runners(layer, target_s: float) -> dict:
     (n, h, w, c), k, s, p, o = layer
     x = jax.random.normal(jax.random.key(0), (n, h, w, c))
     kern = jax.random.normal(jax.random.key(1), (k, k, c, o)) * 0.05
-    impl = layers._cpu_convolution(jax.ShapeDtypeStruct(x.shape, x.dtype), k, s, p)
+    impl = layers._cpu_convolution(jax.ShapeDtypeStruct(x.shape, x.dtype), k, s, p,
+                                   features=o)
     if impl is None:
         def impl(x, kern):
             return ops.conv_nhwc(x, kern, s, p)

@@ -54,10 +54,10 @@ def _dot_1x1(layers):
 
     choose = layers._cpu_convolution
 
-    def chosen(x, k, strides, padding, use_onednn=True):
+    def chosen(x, k, strides, padding, use_onednn=True, features=None):
         if k == 1 and strides == 1 and padding == 0 and x.dtype == jnp.float32:
             return partial(harness.dot_1x1, None, strides=1, padding=0)
-        return choose(x, k, strides, padding, use_onednn)
+        return choose(x, k, strides, padding, use_onednn, features)
 
     layers._cpu_convolution = chosen
 

@@ -123,6 +123,22 @@ def test_googlenet_keeps_xla_convolutions_in_its_inception_blocks():
     assert "convolution(" in hlo
 
 
+def test_one_channel_first_layers():
+    """LeNet's first layer (1 -> 6) takes oneDNN's convolution; VGG's (1 -> 16) keeps the k*k
+    multiply-adds (`layers._ONE_CHANNEL_MIN_FEATURES`)."""
+    from flaxcnn import models
+
+    target = 'custom_call_target="flaxcnn_onednn_conv_forward"'
+    for name, side, n_convs in (("lenet_bn", 28, 2), ("vgg", 224, 8)):
+        model = models.create(name)
+        variables = jax.jit(partial(model.init, train=False))(
+            jax.random.key(0), jnp.zeros((1, side, side, 1)))
+        hlo = jax.jit(partial(model.apply, train=False)).lower(
+            variables, jnp.zeros((2, side, side, 1))).compile().as_text()
+        expected = n_convs if name == "lenet_bn" else n_convs - 1
+        assert hlo.count(target) == expected, name
+
+
 def test_xla_forward_with_onednn_gradients():
     """`conv_xla_forward` (ResNet's 512 -> 512 layers on 3x3 maps): XLA's forward pass and
     oneDNN's gradients, equal to `conv`'s within float32 rounding."""

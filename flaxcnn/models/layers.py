@@ -59,7 +59,7 @@ class Conv(nn.Module):
         bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         conv = partial(ops.conv_nhwc, strides=self.strides, padding=p, precision=self.precision)
-        cpu_conv = _cpu_convolution(x, k, self.strides, p, self.onednn)
+        cpu_conv = _cpu_convolution(x, k, self.strides, p, self.onednn, self.features)
         if cpu_conv is not None:
             # Chosen when the step is compiled: other platforms keep XLA's convolution.
             y = jax.lax.platform_dependent(x, kernel, cpu=cpu_conv, default=conv)
@@ -94,6 +94,12 @@ _ONEDNN_OPT_OUTS = True
 _XLA_FORWARD_MAX_SIDE = 3
 _XLA_FORWARD_MIN_FEATURES = 512
 
+# One-channel, stride-1 layers (item 3 of the study's defaults) with fewer outputs than this take
+# oneDNN's convolution where it is available: LeNet's 1 -> 6, whose k*k multiply-adds keep 6
+# channels in 16-float vector lanes (inference 1.09-1.15x, paired in one process; training the
+# same). VGG's 1 -> 16 keeps the multiply-adds (oneDNN's was 0.95x in inference).
+_ONE_CHANNEL_MIN_FEATURES = 16
+
 
 def _onednn_conv(x, kernel, strides, padding):
     (sh, sw), (ph, pw) = ops._pairs(strides), ops._pairs(padding)
@@ -103,19 +109,22 @@ def _onednn_conv(x, kernel, strides, padding):
     return onednn.conv(x, kernel, (sh, sw), ((ph, ph), (pw, pw)))
 
 
-def _cpu_convolution(x, k: int, strides: int, padding: int, use_onednn: bool = True):
+def _cpu_convolution(x, k: int, strides: int, padding: int, use_onednn: bool = True,
+                     features: int | None = None):
     """The convolutions XLA:CPU handles badly, and what flaxcnn runs instead on a CPU (ops.py,
     onednn.py; the evidence in benchmarks/xla_cpu_study.md), or None for XLA's own."""
     if x.dtype != jnp.float32:
         return None
     c, side = x.shape[-1], min(x.shape[1:3])
-    if c == 1 and k <= 5 and strides == 1:  # LeNet's and VGG's first layers: one input channel
-        return partial(ops.conv_one_channel, padding=padding)
     # (only where the CPU is JAX's default backend: elsewhere the CPU branch is never lowered,
     # and building the library there would be wasted)
-    if ((c > 1 or (strides != 1 and _ONEDNN_STEMS)) and side >= _ONEDNN_MIN_SIDE and _ONEDNN
-            and (use_onednn or not _ONEDNN_OPT_OUTS)
-            and jax.default_backend() == "cpu" and onednn.available()):
+    dnnl = (side >= _ONEDNN_MIN_SIDE and _ONEDNN and (use_onednn or not _ONEDNN_OPT_OUTS)
+            and jax.default_backend() == "cpu" and onednn.available())
+    if c == 1 and k <= 5 and strides == 1:  # LeNet's and VGG's first layers: one input channel
+        if features is not None and features < _ONE_CHANNEL_MIN_FEATURES and dnnl:
+            return partial(_onednn_conv, strides=strides, padding=padding)  # LeNet's
+        return partial(ops.conv_one_channel, padding=padding)
+    if (c > 1 or (strides != 1 and _ONEDNN_STEMS)) and dnnl:
         return partial(_onednn_conv, strides=strides, padding=padding)
     if strides != 1:
         return None
