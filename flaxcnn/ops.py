@@ -65,18 +65,20 @@ def _reduce_max(x, window, strides, padding):
     )
 
 
-def _max_of_slices(x, window, strides, padding):
+def _max_of_slices(x, window, strides, padding, separate=False):
     """The max-pool as an elementwise maximum of the window's k*k strided slices: the same
-    values as `reduce_window` (a maximum is exact, NaN propagates), 2-3x faster on XLA:CPU."""
+    values as `reduce_window` (a maximum is exact, NaN propagates), 2-3x faster on XLA:CPU.
+    separate: pad each slice on its own (`_window_terms`)."""
     y = None
-    for _, _, s in _window_terms(x, window, strides, padding, -jnp.inf):
+    for _, _, s in _window_terms(x, window, strides, padding, -jnp.inf, separate):
         y = s if y is None else jnp.maximum(y, s)
     return y
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool(x, window, strides, padding):
-    return _max_of_slices(x, window, strides, padding)
+    # not differentiated (inference): each slice padded on its own, see `_window_terms`
+    return _max_of_slices(x, window, strides, padding, separate=True)
 
 
 def _max_pool_fwd(x, window, strides, padding):
@@ -110,16 +112,21 @@ def _valid_span(offset, pad, stride, n_out, size):
     return lo, hi
 
 
-def _window_terms(x, window, strides, padding, fill):
+def _window_terms(x, window, strides, padding, fill, separate=False):
     """(di, dj, term) for every offset of the window, row-major: term[n, i, j, c] =
     x[n, di - ph + sh * i, dj - pw + sw * j, c], `fill` where that falls in the padding.
 
-    Each term is a slice of x padded on its own, instead of a slice of one padded copy of x:
-    XLA:CPU then fuses the padding into the terms' consumer, where the padded copy was a kernel
-    of its own (GoogLeNet's eval step: 11 pads, 2.5 of 50 ms; its inference 1.035-1.056x
-    faster, training unchanged; benchmarks/xla_cpu_study.md)."""
+    separate=False: slices of one padded copy of x. separate=True: each term a slice of x
+    padded on its own, which XLA:CPU fuses into the terms' consumer. In inference that is
+    faster: the padded copy was a kernel of its own wherever another layer also reads x
+    (GoogLeNet's eval step: 11 pads, 2.5 of 50 ms; inference 1.035-1.056x). In training it is
+    slower (GoogLeNet 0.955x, forward and backward; 0.966x, forward only), so the training
+    passes keep the copy (benchmarks/xla_cpu_study.md)."""
     (kh, kw), (sh, sw), (ph, pw) = window, strides, padding
     (ho, wo), (h, w) = _out_hw(x.shape[1:3], window, strides, padding), x.shape[1:3]
+    if not separate:
+        yield from _window_slices(_pad_hw(x, padding, fill), window, strides, (ho, wo))
+        return
     n, c = x.shape[0], x.shape[3]
     fill = jnp.asarray(fill, x.dtype)
     for di in range(kh):
