@@ -10,7 +10,8 @@ Variants: base; inner (the SMO sub-problem solver); kernel (every kernel-value c
 rows for the gradient update and the working set's new block); new-block (only the latter).
 Each runs in its own process (the patch must be in place before the solver is traced), with
 YNNPACK defaults as benchmarks/bench_svm.py (FLAXCNN_NO_XLA_DEFAULTS=1), best of --repeats fits
-after a compiling one.
+after a compiling one. It profiles XLA's solver (`svm._NATIVE_OUTER = False`: the path on other
+platforms); the CPU's C++ solver (flaxcnn/_svm.cc) is one custom call, for `perf` to see.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def _never(x):
 
 def patch(variant):
     from flaxcnn import svm
+
+    svm._NATIVE_OUTER = False  # XLA's solver, whose parts are traced functions
 
     if variant == "inner":
         inner = svm._inner_smo

@@ -1,10 +1,11 @@
 """flaxcnn's C++ custom calls for XLA:CPU: compiled once per machine, loaded and registered.
 
-Two libraries: oneDNN's convolutions (`onednn.py`, `_onednn.cc`) and the SVM solver's inner
-loop (`_svm.cc`, below). Each is compiled on first use into `~/.cache/flaxcnn/<name>` (or
-`$FLAXCNN_CACHE_DIR/<name>`) under a name that hashes everything it depends on, so an edit, a
-new jaxlib or another compiler builds it again. Both are optional: without a C++ compiler
-(or with their opt-out variable set) XLA's own code runs instead, slower on a CPU.
+Three libraries: oneDNN's convolutions (`onednn.py`, `_onednn.cc`), the SVM solver's inner
+loop (`_svm.cc`, below) and, from the same file built against oneDNN, the whole SVM solver.
+Each is compiled on first use into `~/.cache/flaxcnn/<name>` (or `$FLAXCNN_CACHE_DIR/<name>`)
+under a name that hashes everything it depends on, so an edit, a new jaxlib or another compiler
+builds it again. All are optional: without a C++ compiler or oneDNN (or with their opt-out
+variable set) XLA's own code runs instead, slower on a CPU.
 """
 
 from __future__ import annotations
@@ -134,7 +135,29 @@ _svm = Library(build_svm, SVM_TARGETS, SVM_OPT_OUT_ENV)
 # a CPU backend only), and why not
 svm_available, svm_reason = _svm.available, _svm.reason
 
+SVM_SOLVE_TARGETS = {"flaxcnn_svm_solve": "FlaxcnnSvmSolve"}
+
+
+def build_svm_solve(force: bool = False) -> Path:
+    """Compile `_svm.cc` with its whole solver (FLAXCNN_SVM_SOLVE), against oneDNN, once."""
+    from flaxcnn import onednn  # (it imports this module)
+
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++ or $CXX)")
+    includes, libs, depends = onednn.build_flags()
+    return compile_library("svm_solve", SVM_SOURCE, cxx,
+                           includes=["-DFLAXCNN_SVM_SOLVE", *includes], libs=[*libs, "-lgomp"],
+                           depends=depends, what="the SVM solver", force=force)
+
+
+_svm_solve = Library(build_svm_solve, SVM_SOLVE_TARGETS, SVM_OPT_OUT_ENV)
+# the same for the whole solver (svm._solve's outer loop, its products on oneDNN)
+svm_solve_available, svm_solve_reason = _svm_solve.available, _svm_solve.reason
+
 
 if __name__ == "__main__":  # what .ci/setup runs: build now, say whether it worked, never fail
     print(f"SVM inner loop: {svm_reason()}" if svm_available()
           else f"SVM inner loop not available, XLA's is used: {svm_reason()}")
+    print(f"SVM solver: {svm_solve_reason()}" if svm_solve_available()
+          else f"SVM solver not available, XLA's is used: {svm_solve_reason()}")

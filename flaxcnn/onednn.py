@@ -56,12 +56,11 @@ def _dnnl_include() -> str | None:
     return None
 
 
-def build(force: bool = False) -> Path:
-    """Compile `_onednn.cc` once (`force`: again) and return the library's path. Raises
-    RuntimeError with the compiler's message, or naming what is missing."""
-    cxx, include, prefix = _compiler(), _dnnl_include(), _prefix()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler (g++ or $CXX)")
+def build_flags() -> tuple[list[str], list[str], list[bytes]]:
+    """What compiling against oneDNN takes: (include flags, link flags, what the library's name
+    hashes: the installed version and configuration headers, a prefix's path). Raises
+    RuntimeError naming what is missing."""
+    include, prefix = _dnnl_include(), _prefix()
     if include is None:
         where = f" under ${PREFIX_ENV}={prefix}" if prefix else ""
         raise RuntimeError(f"no oneDNN headers{where} (oneapi/dnnl/dnnl.hpp; Debian: libdnnl-dev)")
@@ -70,15 +69,22 @@ def build(force: bool = False) -> Path:
         lib = next((d for d in (os.path.join(prefix, s) for s in ("lib", "lib64"))
                     if glob.glob(os.path.join(d, "libdnnl.so*"))), os.path.join(prefix, "lib"))
         libs = ["-L", lib, f"-Wl,-rpath,{lib}", "-ldnnl"]
-    # the installed oneDNN's version and configuration headers are part of the library's name,
-    # and a prefix's path (the library is linked to it)
     headers = [os.path.join(include, "oneapi", "dnnl", h) for h in ("dnnl_version.h",
                                                                     "dnnl_config.h")]
-    return native.compile_library(
-        "onednn", SOURCE, cxx, includes=["-I", include], libs=libs,
-        depends=[*(Path(h).read_bytes() for h in headers if os.path.exists(h)),
-                 (prefix or "").encode()],
-        what="oneDNN's convolutions", force=force)
+    depends = [*(Path(h).read_bytes() for h in headers if os.path.exists(h)),
+               (prefix or "").encode()]
+    return ["-I", include], libs, depends
+
+
+def build(force: bool = False) -> Path:
+    """Compile `_onednn.cc` once (`force`: again) and return the library's path. Raises
+    RuntimeError with the compiler's message, or naming what is missing."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++ or $CXX)")
+    includes, libs, depends = build_flags()
+    return native.compile_library("onednn", SOURCE, cxx, includes=includes, libs=libs,
+                                  depends=depends, what="oneDNN's convolutions", force=force)
 
 
 # `build`, looked up when first needed (tests replace it)

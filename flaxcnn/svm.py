@@ -104,6 +104,8 @@ _GEMV = 64  # gradient updates read the changed kernel rows _GEMV at a time
 _BLOCK = 32  # uncached kernel rows among the working set are computed _BLOCK at a time
 # on a CPU, the inner SMO loop in C++ (native.py, _svm.cc) when it builds; False: XLA's always
 _NATIVE_INNER = True
+# on a CPU, the whole solver in C++ with oneDNN's products (_svm.cc) when it builds; False: XLA's
+_NATIVE_OUTER = True
 _REFRESHES = 3  # times the solver resumes after a float64 gradient showed it had not converged
 # LLVM at -O1 for the solver's own code: compiles ~30% faster than the default, runs as fast
 # (its time goes to matrix products, which are library calls, and to small loops)
@@ -116,12 +118,18 @@ _BUCKET_STEPS = 8  # sizes are padded up to one of 8 steps per power of two (<= 
 def _trace_settings() -> tuple:
     """The settings above that the compiled solver reads when traced (its programs on disk are
     found by them too: compilation_cache.persistent_jit)."""
-    return _TAU, _LOCAL_FACTOR, _TAIL, _SPECULATE, _GEMV, _BLOCK, _native_inner()
+    return (_TAU, _LOCAL_FACTOR, _TAIL, _SPECULATE, _GEMV, _BLOCK, _native_inner(),
+            _native_outer())
 
 
 def _native_inner() -> bool:
     """Whether `_inner_smo` runs the C++ loop (CPU backend, built; it is never built elsewhere)."""
     return _NATIVE_INNER and jax.default_backend() == "cpu" and native.svm_available()
+
+
+def _native_outer() -> bool:
+    """Whether `_solve` runs as one C++ call (`_solve_native`: CPU backend, built with oneDNN)."""
+    return _NATIVE_OUTER and jax.default_backend() == "cpu" and native.svm_solve_available()
 
 
 class NotFittedError(ValueError, AttributeError):
@@ -441,8 +449,8 @@ def _init_state(cache, m, q):
     donate_argnums=(0,), compiler_options=_COMPILER_OPTIONS, trace_state=_trace_settings,
 )
 def _solve(
-    state, f, x_all, sq_all, points, pidx, y, c, gamma, coef0, tol, max_outer, *, kernel,
-    degree, max_inner, chunk,
+    state, f, x_all, sq_all, points, pidx, y, c, gamma, coef0, tol, max_outer, threads, *,
+    kernel, degree, max_inner, chunk,
 ):
     """Outer steps until the maximal KKT violation (from f) is below tol.
 
@@ -458,8 +466,16 @@ def _solve(
     when they are not cached yet. Variables that enter the working set but do not move cost no
     full row of their own; they only fill the spare rows of the last row block
     (`_speculative`, when every row fits in the cache). The state (with its cache) is donated
-    and returned."""
+    and returned.
+
+    On a CPU the loop is one C++ call (`_solve_native`; `threads`: the cores it may use).
+    Compiled by XLA it is ~120 kernels, whose compilation was half of a cold 10,000-image fit."""
     x, sq = x_all[points], sq_all[points]
+    if _native_outer():
+        return _solve_native(
+            state, f, x, sq, pidx, y, c, gamma, coef0, tol, max_outer, threads, kernel=kernel,
+            degree=degree, max_inner=max_inner, chunk=chunk,
+        )
     m = y.shape[0]
     q = state[WS].shape[0]
     h = q // 2
@@ -509,6 +525,26 @@ def _solve(
     return lax.while_loop(cond, body, state)
 
 
+def _solve_native(state, f, x, sq, pidx, y, c, gamma, coef0, tol, max_outer, threads, *, kernel,
+                  degree, max_inner, chunk):
+    """`_solve`'s loop as one custom call (flaxcnn/_svm.cc): the same steps up to rounding, the
+    state updated in place (its outputs alias its inputs)."""
+    f32, i32 = jnp.float32, jnp.int32
+    st = (*state[:F], f.astype(f32), *state[F + 1 : GAP])
+    out = (*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in st), jax.ShapeDtypeStruct((), f32))
+    call = jax.ffi.ffi_call(
+        "flaxcnn_svm_solve", out, input_output_aliases={i: i for i in range(GAP)},
+    )
+    return call(
+        *st, x, sq.astype(f32), pidx.astype(i32), y.astype(f32), c.astype(f32),
+        jnp.asarray(tol, f32), jnp.asarray(max_outer, i32), jnp.asarray(gamma, f32),
+        jnp.asarray(coef0, f32), i32(max_inner), jnp.asarray(threads, i32),
+        kernel=np.int32(KERNELS.index(kernel)), degree=np.int32(degree), chunk=np.int32(chunk),
+        tail=np.int32(_TAIL), block=np.int32(_BLOCK), speculate=np.int32(_SPECULATE),
+        tau=np.float32(_TAU), local_factor=np.float32(_LOCAL_FACTOR),
+    )
+
+
 @partial(
     compilation_cache.persistent_jit, static_argnames=("kernel", "degree", "chunk"),
     donate_argnums=(0,), compiler_options=_COMPILER_OPTIONS, trace_state=_trace_settings,
@@ -551,7 +587,7 @@ class _Problem:
     @staticmethod
     def solve(
         x_host, x_all, sq_all, points, y, p, c, pidx, *, kernel, gamma, coef0, degree, tol,
-        max_iter, q, max_inner, cache_size, chunk, workspace=None, pad_to=0,
+        max_iter, q, max_inner, cache_size, chunk, workspace=None, pad_to=0, threads=1,
     ):
         """x_host: all points (float32, host); x_all, sq_all: the same (float32, or bfloat16
         for integer points) and their float32 squared norms on the device; points: [n] the
@@ -560,7 +596,8 @@ class _Problem:
 
         workspace: a dict holding the kernel-row buffer between calls (reused when the next
         problem has the same shape), or None. pad_to: pad to the size of a problem this large
-        (so that problems of similar sizes share one compiled solver).
+        (so that problems of similar sizes share one compiled solver). threads: the CPU cores
+        its matrix products may use (the C++ solver's; XLA's share one pool).
         Returns a dict with alpha (float64 [m]), grad, rho, obj, iterations, violation."""
         n = len(points)
         m = y.shape[0]
@@ -595,7 +632,8 @@ class _Problem:
         for r in range(_REFRESHES + 1):
             state = _solve(
                 state, jax.device_put(f), pidx=jax.device_put(pid), y=yj, c=cj, tol=np.float32(tol),
-                max_outer=limit, max_inner=int(max_inner), chunk=chunk, **dev,
+                max_outer=limit, threads=np.int32(threads), max_inner=int(max_inner), chunk=chunk,
+                **dev,
             )
             alpha = np.asarray(state[ALPHA], np.float64)[:m]
             # the gradient again from alpha, summed in float64 (the solver's float32 one drifts
@@ -1036,12 +1074,15 @@ class _BaseSVM:
                 f"this {type(self).__name__} is not fitted yet; call fit(X, y) first"
             )
 
-    def _solve(self, xd, points, y, p, c, pidx, opts, what, workspace=None, pad_to=0):
-        """xd: all points on the host, on the device, and their squared norms on the device."""
+    def _solve(self, xd, points, y, p, c, pidx, opts, what, workspace=None, pad_to=0, jobs=1):
+        """xd: all points on the host, on the device, and their squared norms on the device.
+        jobs: how many problems are solved side by side (they share the cores)."""
         t = time.perf_counter()
+        threads = max(1, (os.cpu_count() or 1) // jobs)
         with _gc_paused():
             res = _Problem.solve(
-                *xd, points, y, p, c, pidx, workspace=workspace, pad_to=pad_to, **opts
+                *xd, points, y, p, c, pidx, workspace=workspace, pad_to=pad_to,
+                threads=threads, **opts
             )
         if not res["converged"]:
             why = (f"after max_iter={opts['max_iter']} outer iterations"
@@ -1186,6 +1227,8 @@ class SVC(_BaseSVM):
         pad_to = max(len(idx) for idx, _ in problems)  # one shape: one compilation
         local = threading.local()  # per thread: the kernel-row buffer, reused problem to problem
 
+        jobs = self._n_jobs(len(problems) - 1)
+
         def solve(n):
             idx, yb = problems[n]
             if not hasattr(local, "workspace"):
@@ -1193,13 +1236,12 @@ class SVC(_BaseSVM):
             m = len(idx)
             res = self._solve(
                 xd, idx, yb, -np.ones(m), np.full(m, c), np.arange(m), opts,
-                _problem_name(classes, k, n, ovo), local.workspace, pad_to,
+                _problem_name(classes, k, n, ovo), local.workspace, pad_to, 1 if n == 0 else jobs,
             )
             res["idx"], res["y"] = idx, yb
             return res
 
         results = [solve(0)]  # alone: it compiles the solver
-        jobs = self._n_jobs(len(problems) - 1)
         if jobs > 1:
             with ThreadPoolExecutor(jobs) as pool:
                 results += list(pool.map(solve, range(1, len(problems))))
