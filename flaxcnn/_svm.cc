@@ -263,7 +263,7 @@ struct Scratch {
   std::vector<char> a, packed, packed_tail, pad;
   std::vector<float> block, knew, kept, v, a_ws, f_ws, y_ws, c_ws, a_new, smo_f, smo_diag, coef;
   std::vector<int32_t> pts, order, slots, todo, victims, mark, cand;
-  std::vector<char> bool_buf;
+  std::vector<char> xs, keep;
 };
 thread_local Scratch scratch;
 
@@ -428,14 +428,6 @@ struct Solver {
 
   // K(new half of the working set, working set) [h, q] into knew (svm._new_block).
   void NewBlock(const int32_t* pts, float* knew) {
-    std::vector<float> sqs(q);
-    auto& xs = scratch.bool_buf;  // the working set's points, gathered
-    const size_t row_bytes = d * esize;
-    xs.resize(q * row_bytes);
-    for (int64_t k = 0; k < q; ++k) {
-      std::memcpy(xs.data() + k * row_bytes, Row(pts[k]), row_bytes);
-      sqs[k] = sq[pts[k]];
-    }
     std::vector<int32_t> todo;
     for (int64_t r = 0; r < h; ++r) {
       const int32_t slot = slot_of[pts[h + r]];
@@ -449,6 +441,14 @@ struct Solver {
       }
     }
     if (todo.empty()) return;
+    std::vector<float> sqs(q);
+    auto& xs = scratch.xs;  // the working set's points, gathered
+    const size_t row_bytes = d * esize;
+    xs.resize(q * row_bytes);
+    for (int64_t k = 0; k < q; ++k) {
+      std::memcpy(xs.data() + k * row_bytes, Row(pts[k]), row_bytes);
+      sqs[k] = sq[pts[k]];
+    }
     auto g = GetGemm(block, q, d, type, false);
     std::vector<int32_t> p(block);
     for (size_t b = 0; b < todo.size(); b += block) {
@@ -476,13 +476,20 @@ struct Solver {
     const int64_t n_need = todo.size();
     auto& victims = scratch.victims;
     if (!full && n_need > 0) {
-      // keep the wanted rows already cached; evict the least recently used others
-      for (int64_t k = 0; k < q; ++k)
-        if (want[k] && slot_of[pts[k]] >= 0) stamp[slot_of[pts[k]]] = it;
+      // keep the wanted rows already cached; evict the least recently used others (rows >= 2q
+      // leaves at least q of them)
+      auto& keep = scratch.keep;
+      keep.assign(rows, 0);
+      for (int64_t k = 0; k < q; ++k) {
+        if (want[k] && slot_of[pts[k]] >= 0) {
+          stamp[slot_of[pts[k]]] = it;
+          keep[slot_of[pts[k]]] = 1;
+        }
+      }
       auto& cand = scratch.cand;
       cand.clear();
       for (int64_t s = 0; s < rows; ++s)
-        if (stamp[s] != it) cand.push_back(static_cast<int32_t>(s));
+        if (!keep[s]) cand.push_back(static_cast<int32_t>(s));
       auto older = [&](int32_t a, int32_t b) {
         return stamp[a] < stamp[b] || (stamp[a] == stamp[b] && a < b);
       };
