@@ -19,7 +19,9 @@ with ``Q_ts = y_t y_s K(x_t, x_s)`` and the kernels
   ``y = -1, p = eps + z_t``); ``f(x) = sum_t (a_t - a*_t) K(x_t, x) - rho``.
 
 Solver. Sequential minimal optimisation with large working sets, as ThunderSVM does it
-(Wen et al. 2018), jit-compiled end to end (one `lax.while_loop` per binary problem):
+(Wen et al. 2018), jit-compiled end to end (one `lax.while_loop` per binary problem; on a CPU
+the same loop is one C++ custom call, `_solve_native`, whose products are oneDNN's: XLA:CPU
+took 0.7-0.8 s to compile the loop's ~120 kernels, half of a cold 10,000-image fit):
 
 1. keep the gradient ``G = Q a + p`` of all variables (as ``f = -y G``);
 2. every outer step keeps the newer half of a working set of ``q`` variables (512 for
@@ -50,7 +52,8 @@ terms of +-5,000 cancel), and the solver resumes from it while that violation ex
 computed from the integers k - 128, whose dot products float32 gets exactly, removing the
 cancellation error of ``|x|^2 + |x'|^2 - 2 x . x'`` (1e-5 of a kernel value otherwise, 4e-7
 so). Those integers are kept in bfloat16, which holds them exactly: the products are the same
-to the bit, and XLA:CPU's YNNPACK computes them 1.3-1.9x as fast as float32 ones (`_dot`).
+to the bit, and XLA:CPU's YNNPACK computes them 1.3-1.9x as fast as float32 ones (`_dot`), as
+oneDNN does on CPUs with bfloat16 instructions (`_grid_dtype`).
 
 Binary problems run side by side on `n_jobs` threads (default: one per core), which keeps both
 cores busy while one problem is in its sequential inner loop.
@@ -73,6 +76,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import gzip
 import math
@@ -863,7 +867,21 @@ def _grid_dtype():
     products are then up to 1.35x slower than its float32 ones."""
     if jax.default_backend() != "cpu":
         return jnp.bfloat16
+    if _native_outer():  # the C++ solver's products are oneDNN's: fast in bfloat16 where the
+        return jnp.bfloat16 if _cpu_bf16() else jnp.float32  # CPU has bfloat16 instructions
     return jnp.bfloat16 if _ynn_dots(os.environ.get("XLA_FLAGS", "")) else jnp.float32
+
+
+@functools.cache
+def _cpu_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX; Linux's flags):
+    elsewhere oneDNN's bfloat16 products are emulated, slower than its float32 ones."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _integer_grid(x):

@@ -692,11 +692,22 @@ def test_grid_dtype_follows_the_xla_flags(monkeypatch):
     }
     for flags, dots in cases.items():
         assert svm._ynn_dots(flags) is dots, flags
+    monkeypatch.setattr(svm, "_NATIVE_OUTER", False)  # XLA's solver: its products decide
     monkeypatch.setenv("XLA_FLAGS", f"{flag}=")
     expected = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     assert svm._grid_dtype() == expected
     monkeypatch.setenv("XLA_FLAGS", "")
     assert svm._grid_dtype() == jnp.bfloat16
+
+
+def test_grid_dtype_of_the_native_solver(monkeypatch):
+    """The C++ solver's products are oneDNN's: bfloat16 where the CPU has bfloat16 instructions
+    (whatever XLA's flags), float32 elsewhere (oneDNN would emulate bfloat16)."""
+    assert svm._native_outer()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    for has, dtype in ((True, jnp.bfloat16), (False, jnp.float32)):
+        monkeypatch.setattr(svm, "_cpu_bf16", lambda has=has: has)
+        assert svm._grid_dtype() == dtype
 
 
 def test_no_support_vectors_on_the_grid(fashion_pair):
