@@ -396,30 +396,34 @@ struct Solver {
   }
 
   // k most violating variables outside `excluded`: k/2 from the top of I_up by f, then the
-  // bottom of I_low (svm._select; lax.top_k's order: larger first, then lower index).
+  // bottom of I_low (svm._select; lax.top_k's order: larger first, then lower index). One pass
+  // each, keeping the best so far in order: few candidates beat the worst kept one.
   void Select(std::vector<char>& excluded, int32_t* out, bool* ok, int64_t k) {
     const int64_t k_up = k / 2;
-    auto& cand = scratch.cand;
+    auto& best = scratch.cand;
     auto pick = [&](bool up, int64_t count, int32_t* o, bool* v) {
-      cand.clear();
-      cand.reserve(m);
+      best.clear();
+      if (count == 0) return;
+      auto key = [&](int32_t t) { return up ? f[t] : -f[t]; };
       for (int64_t t = 0; t < m; ++t) {
-        if (excluded[t]) continue;
-        if (up ? Up(alpha[t], y[t], c[t], true) : Low(alpha[t], y[t], c[t], true))
-          cand.push_back(static_cast<int32_t>(t));
+        if (excluded[t] || !(up ? Up(alpha[t], y[t], c[t], true) : Low(alpha[t], y[t], c[t], true)))
+          continue;
+        const float kt = key(static_cast<int32_t>(t));
+        const int64_t size = best.size();
+        if (size == count && !(kt > key(best.back()))) continue;  // ties: the lower index stays
+        int64_t pos = size == count ? size - 1 : size;
+        if (size < count) best.push_back(0);
+        while (pos > 0 && kt > key(best[pos - 1])) {
+          best[pos] = best[pos - 1];
+          --pos;
+        }
+        best[pos] = static_cast<int32_t>(t);
       }
-      const int64_t take = std::min<int64_t>(count, cand.size());
-      auto better = [&](int32_t a, int32_t b) {
-        const float fa = up ? f[a] : -f[a], fb = up ? f[b] : -f[b];
-        return fa > fb || (fa == fb && a < b);
-      };
-      if (take < static_cast<int64_t>(cand.size()))
-        std::nth_element(cand.begin(), cand.begin() + take, cand.end(), better);
-      std::sort(cand.begin(), cand.begin() + take, better);
+      const int64_t take = best.size();
       for (int64_t r = 0; r < count; ++r) {
-        o[r] = r < take ? cand[r] : 0;
+        o[r] = r < take ? best[r] : 0;
         v[r] = r < take;
-        if (r < take) excluded[cand[r]] = 1;
+        if (r < take) excluded[best[r]] = 1;
       }
     };
     pick(true, k_up, out, ok);
