@@ -259,12 +259,13 @@ def test_fit_with_xla_inner_loop_matches(fashion_pair, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "case", ["linear", "poly", "rbf", "sigmoid", "fashion", "fashion-evicting", "svr"]
+    "case",
+    ["linear", "poly", "rbf", "sigmoid", "fashion", "fashion-evicting", "svr", "svr-evicting"],
 )
 def test_native_solver_takes_the_xla_solvers_steps(case, binary, fashion_pair, monkeypatch):
     """On a CPU the whole solver is one C++ call (`_solve_native`, flaxcnn/_svm.cc, built where
     oneDNN's headers are: .ci/setup installs them). It fits what XLA's `_solve` fits, for every
-    kernel, with the row cache holding every row or evicting (q=16, 24 rows), and for SVR: the
+    kernel, with the row cache holding every row or evicting (q=16, 32 rows), and for SVR: the
     same objective and decisions within the tolerances, after about as many outer steps on
     Fashion-MNIST (the two sum in other orders and take exp from different libraries)."""
     assert native.svm_solve_available(), native.svm_solve_reason()
@@ -272,11 +273,12 @@ def test_native_solver_takes_the_xla_solvers_steps(case, binary, fashion_pair, m
     if case in KERNELS:
         x, y = binary
         make = lambda: svm.SVC(kernel=case, C=1.0, tol=TOL, **KERNELS[case])  # noqa: E731
-    elif case == "svr":
+    elif case.startswith("svr"):  # two variables per point: a row wanted twice is made once
         rng = np.random.default_rng(0)
         x = rng.random((300, 784))
         y = np.sin(6 * x[:, :4].sum(1))
-        make = lambda: svm.SVR(C=10.0, epsilon=0.05, tol=TOL)  # noqa: E731
+        small = dict(working_set_size=16, cache_size=1e-9) if case == "svr-evicting" else {}
+        make = lambda: svm.SVR(C=10.0, epsilon=0.05, tol=TOL, **small)  # noqa: E731
     else:
         x, y = fashion_pair
         small = dict(working_set_size=16, cache_size=1e-9) if case == "fashion-evicting" else {}
@@ -295,7 +297,7 @@ def test_native_solver_takes_the_xla_solvers_steps(case, binary, fashion_pair, m
         # (on the small synthetic problems the path is fragile: XLA's own two inner loops,
         # which differ by fused multiply-adds only, take 91 and 158 outer steps on the linear one)
         assert abs(int(cpp.n_iter_[0]) - int(xla.n_iter_[0])) <= 0.25 * xla.n_iter_[0] + 2
-    if case == "fashion-evicting":
+    if case.endswith("evicting"):
         assert cpp.n_kernel_rows_[0] > len(x)  # rows were evicted and computed again
 
 
