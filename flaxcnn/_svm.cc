@@ -263,7 +263,8 @@ struct Scratch {
   std::vector<char> a, packed, packed_tail, pad;
   std::vector<float> block, knew, kept, v, a_ws, f_ws, y_ws, c_ws, a_new, smo_f, smo_diag, coef;
   std::vector<int32_t> pts, order, slots, todo, victims, mark, cand;
-  std::vector<char> xs, keep;
+  std::vector<char> xs, keep, x_local;
+  std::vector<float> sq_local;
 };
 thread_local Scratch scratch;
 
@@ -643,7 +644,8 @@ ffi::Error Solve(ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::
                  ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::S32>,
                  ffi::Buffer<ffi::PRED>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
                  ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>,
-                 ffi::AnyBuffer x_buf, ffi::Buffer<ffi::F32> sq_buf, ffi::Buffer<ffi::S32> pidx_buf,
+                 ffi::AnyBuffer x_buf, ffi::Buffer<ffi::F32> sq_buf,
+                 ffi::Buffer<ffi::S32> points_buf, ffi::Buffer<ffi::S32> pidx_buf,
                  ffi::Buffer<ffi::F32> y_buf, ffi::Buffer<ffi::F32> c_buf,
                  ffi::Buffer<ffi::F32> tol_buf, ffi::Buffer<ffi::S32> max_outer_buf,
                  ffi::Buffer<ffi::F32> gamma_buf, ffi::Buffer<ffi::F32> coef0_buf,
@@ -668,7 +670,8 @@ ffi::Error Solve(ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::
   } else {
     return ffi::Error::InvalidArgument("flaxcnn_svm_solve: x must be float32 or bfloat16");
   }
-  s.n = x_dims[0];
+  const int64_t n_all = x_dims[0];
+  s.n = points_buf.element_count();
   s.d = x_dims[1];
   s.esize = s.type == dt::bf16 ? 2 : 4;
   s.m = alpha_out->element_count();
@@ -676,7 +679,7 @@ ffi::Error Solve(ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::
   s.h = s.q / 2;
   s.rows = cache_out->dimensions()[0];
   s.full = s.rows >= s.n;
-  for (auto e : {CheckCount(sq_buf, s.n, "sq"), CheckCount(pidx_buf, s.m, "pidx"),
+  for (auto e : {CheckCount(sq_buf, n_all, "sq"), CheckCount(pidx_buf, s.m, "pidx"),
                  CheckCount(y_buf, s.m, "y"), CheckCount(c_buf, s.m, "c"),
                  CheckCount(*f_out, s.m, "f"), CheckCount(*valid_out, s.q, "valid"),
                  CheckCount(*kbb_out, s.q * s.q, "kbb"),
@@ -688,8 +691,20 @@ ffi::Error Solve(ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::
   }
   if (s.q % 2 || chunk < 1 || tail < 1 || block < 1 || (!s.full && s.rows < 2 * s.q))
     return ffi::Error::InvalidArgument("flaxcnn_svm_solve: bad working set or block sizes");
-  s.x = static_cast<const char*>(x_buf.untyped_data());
-  s.sq = sq_buf.typed_data();
+  // the problem's points, gathered (the products' operand is packed from them)
+  const int32_t* points = points_buf.typed_data();
+  const size_t row_bytes = s.d * s.esize;
+  scratch.x_local.resize(s.n * row_bytes);
+  scratch.sq_local.resize(s.n);
+  for (int64_t i = 0; i < s.n; ++i) {
+    if (points[i] < 0 || points[i] >= n_all)
+      return ffi::Error::InvalidArgument("flaxcnn_svm_solve: a point index out of range");
+    std::memcpy(scratch.x_local.data() + i * row_bytes,
+                static_cast<const char*>(x_buf.untyped_data()) + points[i] * row_bytes, row_bytes);
+    scratch.sq_local[i] = sq_buf.typed_data()[points[i]];
+  }
+  s.x = scratch.x_local.data();
+  s.sq = scratch.sq_local.data();
   s.pidx = pidx_buf.typed_data();
   s.y = y_buf.typed_data();
   s.c = c_buf.typed_data();
@@ -760,8 +775,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnSvmSolve, Solve,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // slot_of [n]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // owner [rows or 1]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // stamp [rows or 1]
-                                  .Arg<ffi::AnyBuffer>()          // x [n, d] f32 or bf16
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // sq [n]
+                                  .Arg<ffi::AnyBuffer>()          // x_all [N, d] f32 or bf16
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sq_all [N]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // points [n] (into x_all)
                                   .Arg<ffi::Buffer<ffi::S32>>()   // pidx [m]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // y [m]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // c [m]

@@ -474,12 +474,12 @@ def _solve(
 
     On a CPU the loop is one C++ call (`_solve_native`; `threads`: the cores it may use).
     Compiled by XLA it is ~120 kernels, whose compilation was half of a cold 10,000-image fit."""
-    x, sq = x_all[points], sq_all[points]
-    if _native_outer():
+    if _native_outer():  # (it gathers the points itself: no XLA kernel to compile)
         return _solve_native(
-            state, f, x, sq, pidx, y, c, gamma, coef0, tol, max_outer, threads, kernel=kernel,
-            degree=degree, max_inner=max_inner, chunk=chunk,
+            state, f, x_all, sq_all, points, pidx, y, c, gamma, coef0, tol, max_outer, threads,
+            kernel=kernel, degree=degree, max_inner=max_inner, chunk=chunk,
         )
+    x, sq = x_all[points], sq_all[points]
     m = y.shape[0]
     q = state[WS].shape[0]
     h = q // 2
@@ -529,8 +529,8 @@ def _solve(
     return lax.while_loop(cond, body, state)
 
 
-def _solve_native(state, f, x, sq, pidx, y, c, gamma, coef0, tol, max_outer, threads, *, kernel,
-                  degree, max_inner, chunk):
+def _solve_native(state, f, x_all, sq_all, points, pidx, y, c, gamma, coef0, tol, max_outer,
+                  threads, *, kernel, degree, max_inner, chunk):
     """`_solve`'s loop as one custom call (flaxcnn/_svm.cc): the same steps up to rounding, the
     state updated in place (its outputs alias its inputs)."""
     f32, i32 = jnp.float32, jnp.int32
@@ -540,7 +540,8 @@ def _solve_native(state, f, x, sq, pidx, y, c, gamma, coef0, tol, max_outer, thr
         "flaxcnn_svm_solve", out, input_output_aliases={i: i for i in range(GAP)},
     )
     return call(
-        *st, x, sq.astype(f32), pidx.astype(i32), y.astype(f32), c.astype(f32),
+        *st, x_all, sq_all.astype(f32), points.astype(i32), pidx.astype(i32), y.astype(f32),
+        c.astype(f32),
         jnp.asarray(tol, f32), jnp.asarray(max_outer, i32), jnp.asarray(gamma, f32),
         jnp.asarray(coef0, f32), i32(max_inner), jnp.asarray(threads, i32),
         kernel=np.int32(KERNELS.index(kernel)), degree=np.int32(degree), chunk=np.int32(chunk),
