@@ -1,5 +1,6 @@
 // The SVM solver's inner loop (flaxcnn.svm._inner_smo) as an XLA FFI custom call for the CPU
-// (flaxcnn/native.py builds and loads this file).
+// (flaxcnn/native.py builds and loads this file), and, built with FLAXCNN_SVM_SOLVE against
+// oneDNN, the whole solver (svm._solve; the second half of this file).
 //
 // libsvm's SMO on a working set of q variables (64-512) takes thousands of steps, each a few
 // passes over q numbers. Compiled by XLA, a step is ~16 small kernels launched one after another
