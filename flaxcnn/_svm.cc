@@ -199,6 +199,15 @@ struct Eltwise {
 
 std::mutex cache_mutex;
 
+// oneDNN's matrix products fix their thread count when created: it is part of their keys
+int Threads() {
+#if DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_OMP
+  return omp_get_max_threads();
+#else
+  return 0;
+#endif
+}
+
 template <typename T, typename K, typename F>
 std::shared_ptr<T> Cached(std::map<K, std::shared_ptr<T>>& cache, const K& key, F make) {
   std::lock_guard<std::mutex> lock(cache_mutex);
@@ -216,8 +225,9 @@ dnnl::primitive_attr UserScratchpad() {
 }
 
 std::shared_ptr<Gemm> GetGemm(int64_t m, int64_t n, int64_t k, dt type, bool packed) {
-  static std::map<std::tuple<int64_t, int64_t, int64_t, int, bool>, std::shared_ptr<Gemm>> cache;
-  return Cached(cache, std::make_tuple(m, n, k, static_cast<int>(type), packed), [&] {
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int, bool, int>, std::shared_ptr<Gemm>>
+      cache;
+  return Cached(cache, std::make_tuple(m, n, k, static_cast<int>(type), packed, Threads()), [&] {
     auto g = std::make_shared<Gemm>();
     auto& eng = Engine();
     g->a = memory::desc({m, k}, type, memory::dims{k, 1});
@@ -233,14 +243,15 @@ std::shared_ptr<Gemm> GetGemm(int64_t m, int64_t n, int64_t k, dt type, bool pac
     g->b = pd.weights_desc();
     g->scratchpad = pd.scratchpad_desc();
     g->primitive = dnnl::matmul(pd);
-    if (packed) g->pack = dnnl::reorder(memory(g->b_plain, eng, nullptr), memory(g->b, eng, nullptr));
+    if (packed)
+      g->pack = dnnl::reorder(memory(g->b_plain, eng, nullptr), memory(g->b, eng, nullptr));
     return g;
   });
 }
 
 std::shared_ptr<Eltwise> GetEltwise(int64_t m, int64_t n, dnnl::algorithm algo) {
-  static std::map<std::tuple<int64_t, int64_t, int>, std::shared_ptr<Eltwise>> cache;
-  return Cached(cache, std::make_tuple(m, n, static_cast<int>(algo)), [&] {
+  static std::map<std::tuple<int64_t, int64_t, int, int>, std::shared_ptr<Eltwise>> cache;
+  return Cached(cache, std::make_tuple(m, n, static_cast<int>(algo), Threads()), [&] {
     auto e = std::make_shared<Eltwise>();
     auto& eng = Engine();
     e->md = memory::desc({m, n}, dt::f32, memory::dims{n, 1});
@@ -268,6 +279,14 @@ struct Scratch {
   std::vector<float> sq_local;
 };
 thread_local Scratch scratch;
+
+// The per-thread buffers are kept from call to call (45 problems of the same size), except
+// large ones: a thread that solved a 60,000-point problem does not keep its copies.
+void ReleaseLarge() {
+  constexpr size_t kKeep = size_t{64} << 20;
+  for (auto* v : {&scratch.x_local, &scratch.packed, &scratch.packed_tail, &scratch.pad})
+    if (v->capacity() > kKeep) std::vector<char>().swap(*v);
+}
 
 void* Pad(size_t size) {
   if (scratch.pad.size() < size) scratch.pad.resize(size);
@@ -318,7 +337,7 @@ struct Solver {
   int32_t *ws, *slot_of, *owner, *stamp;
   bool* valid;
   dnnl::stream stream{Engine()};
-  std::shared_ptr<Gemm> g_chunk, g_tail;
+  std::shared_ptr<Gemm> g_chunk, g_tail, g_block;
 
   const char* Row(int64_t p) const { return x + p * d * esize; }
 
@@ -455,7 +474,8 @@ struct Solver {
       std::memcpy(xs.data() + k * row_bytes, Row(pts[k]), row_bytes);
       sqs[k] = sq[pts[k]];
     }
-    auto g = GetGemm(block, q, d, type, false);
+    if (!g_block) g_block = GetGemm(block, q, d, type, false);
+    const Gemm* g = g_block.get();
     std::vector<int32_t> p(block);
     for (size_t b = 0; b < todo.size(); b += block) {
       const int64_t active = std::min<int64_t>(block, todo.size() - b);
@@ -660,80 +680,6 @@ ffi::Error Solve(ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::
                  ffi::ResultBuffer<ffi::F32> cache_out, ffi::ResultBuffer<ffi::S32> slot_of_out,
                  ffi::ResultBuffer<ffi::S32> owner_out, ffi::ResultBuffer<ffi::S32> stamp_out,
                  ffi::ResultBuffer<ffi::F32> gap_out) {
-  // the state's outputs alias its inputs (svm._solve_native): work on them in place
-  Solver s;
-  const auto x_dims = x_buf.dimensions();
-  if (x_dims.size() != 2) return ffi::Error::InvalidArgument("flaxcnn_svm_solve: x must be 2-D");
-  if (x_buf.element_type() == ffi::DataType::BF16) {
-    s.type = dt::bf16;
-  } else if (x_buf.element_type() == ffi::DataType::F32) {
-    s.type = dt::f32;
-  } else {
-    return ffi::Error::InvalidArgument("flaxcnn_svm_solve: x must be float32 or bfloat16");
-  }
-  const int64_t n_all = x_dims[0];
-  s.n = points_buf.element_count();
-  s.d = x_dims[1];
-  s.esize = s.type == dt::bf16 ? 2 : 4;
-  s.m = alpha_out->element_count();
-  s.q = ws_out->element_count();
-  s.h = s.q / 2;
-  s.rows = cache_out->dimensions()[0];
-  s.full = s.rows >= s.n;
-  for (auto e : {CheckCount(sq_buf, n_all, "sq"), CheckCount(pidx_buf, s.m, "pidx"),
-                 CheckCount(y_buf, s.m, "y"), CheckCount(c_buf, s.m, "c"),
-                 CheckCount(*f_out, s.m, "f"), CheckCount(*valid_out, s.q, "valid"),
-                 CheckCount(*kbb_out, s.q * s.q, "kbb"),
-                 CheckCount(*cache_out, s.rows * s.n, "cache"),
-                 CheckCount(*slot_of_out, s.n, "slot_of"),
-                 CheckCount(*owner_out, s.full ? owner_out->element_count() : s.rows, "owner"),
-                 CheckCount(*stamp_out, s.full ? stamp_out->element_count() : s.rows, "stamp")}) {
-    if (e.failure()) return e;
-  }
-  if (s.q % 2 || chunk < 1 || tail < 1 || block < 1 || (!s.full && s.rows < 2 * s.q))
-    return ffi::Error::InvalidArgument("flaxcnn_svm_solve: bad working set or block sizes");
-  // the problem's points, gathered (the products' operand is packed from them)
-  const int32_t* points = points_buf.typed_data();
-  const size_t row_bytes = s.d * s.esize;
-  scratch.x_local.resize(s.n * row_bytes);
-  scratch.sq_local.resize(s.n);
-  for (int64_t i = 0; i < s.n; ++i) {
-    if (points[i] < 0 || points[i] >= n_all)
-      return ffi::Error::InvalidArgument("flaxcnn_svm_solve: a point index out of range");
-    std::memcpy(scratch.x_local.data() + i * row_bytes,
-                static_cast<const char*>(x_buf.untyped_data()) + points[i] * row_bytes, row_bytes);
-    scratch.sq_local[i] = sq_buf.typed_data()[points[i]];
-  }
-  s.x = scratch.x_local.data();
-  s.sq = scratch.sq_local.data();
-  s.pidx = pidx_buf.typed_data();
-  s.y = y_buf.typed_data();
-  s.c = c_buf.typed_data();
-  s.kernel = kernel;
-  s.degree = degree;
-  s.gamma = *gamma_buf.typed_data();
-  s.coef0 = *coef0_buf.typed_data();
-  s.tau = tau;
-  s.local_factor = local_factor;
-  s.chunk = chunk;
-  s.tail = tail;
-  s.block = block;
-  s.speculate = speculate != 0;
-  s.alpha = alpha_out->typed_data();
-  s.f = f_out->typed_data();
-  s.kbb = kbb_out->typed_data();
-  s.cache = cache_out->typed_data();
-  s.ws = ws_out->typed_data();
-  s.valid = valid_out->typed_data();
-  s.slot_of = slot_of_out->typed_data();
-  s.owner = owner_out->typed_data();
-  s.stamp = stamp_out->typed_data();
-  const float tol = *tol_buf.typed_data();
-  const int32_t max_outer = *max_outer_buf.typed_data();
-  const int32_t max_inner = *max_inner_buf.typed_data();
-  int32_t& it = *it_out->typed_data();
-  int32_t& n_inner = *n_inner_out->typed_data();
-  int32_t& n_rows = *n_rows_out->typed_data();
 #if DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_OMP
   // oneDNN's threads for this call (two problems solved side by side take one core each)
   const int saved_threads = omp_get_max_threads();
@@ -741,22 +687,110 @@ ffi::Error Solve(ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::
 #endif
   ffi::Error result = ffi::Error::Success();
   try {
-    s.Pack();
-    float gap = s.Violation();
-    while (gap > tol && it < max_outer) {
-      auto [n_in, n_new] = s.Step(it, tol, max_inner);
-      ++it;
-      n_inner += static_cast<int32_t>(n_in);
-      n_rows += static_cast<int32_t>(n_new);
-      gap = s.Violation();
-    }
-    *gap_out->typed_data() = gap;
-  } catch (const std::exception& e) {
+    result = [&]() -> ffi::Error {
+      // the state's outputs alias its inputs (svm._solve_native): work on them in place
+      Solver s;
+      const auto x_dims = x_buf.dimensions();
+      if (x_dims.size() != 2)
+        return ffi::Error::InvalidArgument("flaxcnn_svm_solve: x must be 2-D");
+      if (x_buf.element_type() == ffi::DataType::BF16) {
+        s.type = dt::bf16;
+      } else if (x_buf.element_type() == ffi::DataType::F32) {
+        s.type = dt::f32;
+      } else {
+        return ffi::Error::InvalidArgument("flaxcnn_svm_solve: x must be float32 or bfloat16");
+      }
+      const int64_t n_all = x_dims[0];
+      s.n = points_buf.element_count();
+      s.d = x_dims[1];
+      s.esize = s.type == dt::bf16 ? 2 : 4;
+      s.m = alpha_out->element_count();
+      s.q = ws_out->element_count();
+      s.h = s.q / 2;
+      s.rows = cache_out->dimensions()[0];
+      s.full = s.rows >= s.n;
+      for (auto e : {CheckCount(sq_buf, n_all, "sq"), CheckCount(pidx_buf, s.m, "pidx"),
+                     CheckCount(y_buf, s.m, "y"), CheckCount(c_buf, s.m, "c"),
+                     CheckCount(*f_out, s.m, "f"), CheckCount(*valid_out, s.q, "valid"),
+                     CheckCount(*kbb_out, s.q * s.q, "kbb"),
+                     CheckCount(*cache_out, s.rows * s.n, "cache"),
+                     CheckCount(*slot_of_out, s.n, "slot_of"),
+                     CheckCount(*owner_out, s.full ? owner_out->element_count() : s.rows, "owner"),
+                     CheckCount(*stamp_out, s.full ? stamp_out->element_count() : s.rows,
+                                "stamp")}) {
+        if (e.failure()) return e;
+      }
+      if (s.q % 2 || chunk < 1 || tail < 1 || block < 1 || (!s.full && s.rows < 2 * s.q))
+        return ffi::Error::InvalidArgument("flaxcnn_svm_solve: bad working set or block sizes");
+      s.pidx = pidx_buf.typed_data();
+      // the problem's points, gathered (the products' operand is packed from them)
+      const int32_t* points = points_buf.typed_data();
+      const size_t row_bytes = s.d * s.esize;
+      scratch.x_local.resize(s.n * row_bytes);
+      scratch.sq_local.resize(s.n);
+      for (int64_t t = 0; t < s.m; ++t) {
+        if (s.pidx[t] < 0 || s.pidx[t] >= s.n)
+          return ffi::Error::InvalidArgument("flaxcnn_svm_solve: a variable's point out of range");
+      }
+      for (int64_t i = 0; i < s.n; ++i) {
+        if (points[i] < 0 || points[i] >= n_all)
+          return ffi::Error::InvalidArgument("flaxcnn_svm_solve: a point index out of range");
+        std::memcpy(scratch.x_local.data() + i * row_bytes,
+                    static_cast<const char*>(x_buf.untyped_data()) + points[i] * row_bytes,
+                    row_bytes);
+        scratch.sq_local[i] = sq_buf.typed_data()[points[i]];
+      }
+      s.x = scratch.x_local.data();
+      s.sq = scratch.sq_local.data();
+      s.y = y_buf.typed_data();
+      s.c = c_buf.typed_data();
+      s.kernel = kernel;
+      s.degree = degree;
+      s.gamma = *gamma_buf.typed_data();
+      s.coef0 = *coef0_buf.typed_data();
+      s.tau = tau;
+      s.local_factor = local_factor;
+      s.chunk = chunk;
+      s.tail = tail;
+      s.block = block;
+      s.speculate = speculate != 0;
+      s.alpha = alpha_out->typed_data();
+      s.f = f_out->typed_data();
+      s.kbb = kbb_out->typed_data();
+      s.cache = cache_out->typed_data();
+      s.ws = ws_out->typed_data();
+      s.valid = valid_out->typed_data();
+      s.slot_of = slot_of_out->typed_data();
+      s.owner = owner_out->typed_data();
+      s.stamp = stamp_out->typed_data();
+      const float tol = *tol_buf.typed_data();
+      const int32_t max_outer = *max_outer_buf.typed_data();
+      const int32_t max_inner = *max_inner_buf.typed_data();
+      int32_t& it = *it_out->typed_data();
+      int32_t& n_inner = *n_inner_out->typed_data();
+      int32_t& n_rows = *n_rows_out->typed_data();
+      s.Pack();
+      float gap = s.Violation();
+      auto wrapping_add = [](int32_t a, int64_t b) {  // as XLA's int32 counters
+        return static_cast<int32_t>(static_cast<uint32_t>(a) + static_cast<uint32_t>(b));
+      };
+      while (gap > tol && it < max_outer) {
+        auto [n_in, n_new] = s.Step(it, tol, max_inner);
+        ++it;
+        n_inner = wrapping_add(n_inner, n_in);
+        n_rows = wrapping_add(n_rows, n_new);
+        gap = s.Violation();
+      }
+      *gap_out->typed_data() = gap;
+      return ffi::Error::Success();
+    }();
+  } catch (const std::exception& e) {  // (oneDNN's errors, std::bad_alloc)
     result = ffi::Error::Internal(std::string("flaxcnn_svm_solve: ") + e.what());
   }
 #if DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_OMP
   omp_set_num_threads(saved_threads);
 #endif
+  ReleaseLarge();
   return result;
 }
 

@@ -534,6 +534,8 @@ def _solve_native(state, f, x_all, sq_all, points, pidx, y, c, gamma, coef0, tol
     """`_solve`'s loop as one custom call (flaxcnn/_svm.cc): the same steps up to rounding, the
     state updated in place (its outputs alias its inputs)."""
     f32, i32 = jnp.float32, jnp.int32
+    if x_all.dtype == jnp.bfloat16 and not _cpu_bf16():  # (exact: the points are integers)
+        x_all = x_all.astype(f32)  # oneDNN 2 has no bfloat16 products without AVX-512
     st = (*state[:F], f.astype(f32), *state[F + 1 : GAP])
     out = (*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in st), jax.ShapeDtypeStruct((), f32))
     call = jax.ffi.ffi_call(
@@ -862,16 +864,25 @@ def _ynn_dots(xla_flags: str) -> bool:
     return dots
 
 
-def _grid_dtype():
+def _grid_dtype(solver=True):
     """The dtype of integer points (`_integer_grid`) on the device: bfloat16, which holds them
     exactly and which YNNPACK multiplies 1.3-1.9x as fast as float32 (README), unless XLA:CPU's
     flags (as `XLA_FLAGS` says) leave YNNPACK out of matrix products: XLA's own bfloat16
-    products are then up to 1.35x slower than its float32 ones."""
+    products are then up to 1.35x slower than its float32 ones. The C++ solver's products
+    (`solver`) are oneDNN's: bfloat16 where the CPU has bfloat16 instructions."""
     if jax.default_backend() != "cpu":
         return jnp.bfloat16
-    if _native_outer():  # the C++ solver's products are oneDNN's: fast in bfloat16 where the
-        return jnp.bfloat16 if _cpu_bf16() else jnp.float32  # CPU has bfloat16 instructions
+    if solver and _native_outer():
+        return jnp.bfloat16 if _cpu_bf16() else jnp.float32
     return jnp.bfloat16 if _ynn_dots(os.environ.get("XLA_FLAGS", "")) else jnp.float32
+
+
+def _cores() -> int:
+    """The CPU cores this process may run on (its affinity, as OpenMP counts them)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @functools.cache
@@ -1083,7 +1094,7 @@ class _BaseSVM:
         """Threads solving binary problems side by side: n_jobs, or the number of CPU cores."""
         jobs = self.n_jobs
         if jobs is None:
-            jobs = os.cpu_count() or 1
+            jobs = _cores()
         if isinstance(jobs, bool) or not isinstance(jobs, numbers.Integral) or jobs < 1:
             raise ValueError(f"n_jobs must be an integer >= 1 or None, not {self.n_jobs!r}")
         return max(1, min(int(jobs), problems))
@@ -1098,7 +1109,7 @@ class _BaseSVM:
         """xd: all points on the host, on the device, and their squared norms on the device.
         jobs: how many problems are solved side by side (they share the cores)."""
         t = time.perf_counter()
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        threads = max(1, _cores() // jobs)
         with _gc_paused():
             res = _Problem.solve(
                 *xd, points, y, p, c, pidx, workspace=workspace, pad_to=pad_to,
@@ -1142,7 +1153,7 @@ class _BaseSVM:
             k = _on_grid(x, self._grid)
             if k is not None:
                 x, sv = k, _on_grid(sv, self._grid)
-                gamma, dtype = gamma / self._grid[0] ** 2, _grid_dtype()
+                gamma, dtype = gamma / self._grid[0] ** 2, _grid_dtype(solver=False)
         return _decision(
             x, sv, self._coef_matrix, self._rho, kernel=self.kernel, gamma=gamma,
             coef0=float(self.coef0), degree=int(self.degree), dtype=dtype,

@@ -262,7 +262,7 @@ def test_fit_with_xla_inner_loop_matches(fashion_pair, monkeypatch):
     "case",
     ["linear", "poly", "rbf", "sigmoid", "fashion", "fashion-evicting", "svr", "svr-evicting"],
 )
-def test_native_solver_takes_the_xla_solvers_steps(case, binary, fashion_pair, monkeypatch):
+def test_native_solver_takes_the_xla_solvers_steps(case, binary, request, monkeypatch):
     """On a CPU the whole solver is one C++ call (`_solve_native`, flaxcnn/_svm.cc, built where
     oneDNN's headers are: .ci/setup installs them). It fits what XLA's `_solve` fits, for every
     kernel, with the row cache holding every row or evicting (q=16, 32 rows), and for SVR: the
@@ -280,7 +280,7 @@ def test_native_solver_takes_the_xla_solvers_steps(case, binary, fashion_pair, m
         small = dict(working_set_size=16, cache_size=1e-9) if case == "svr-evicting" else {}
         make = lambda: svm.SVR(C=10.0, epsilon=0.05, tol=TOL, **small)  # noqa: E731
     else:
-        x, y = fashion_pair
+        x, y = request.getfixturevalue("fashion_pair")
         small = dict(working_set_size=16, cache_size=1e-9) if case == "fashion-evicting" else {}
         make = lambda: svm.SVC(C=10, tol=TOL, **small)  # noqa: E731
     cpp = make().fit(x, y)
@@ -299,6 +299,69 @@ def test_native_solver_takes_the_xla_solvers_steps(case, binary, fashion_pair, m
         assert abs(int(cpp.n_iter_[0]) - int(xla.n_iter_[0])) <= 0.25 * xla.n_iter_[0] + 2
     if case.endswith("evicting"):
         assert cpp.n_kernel_rows_[0] > len(x)  # rows were evicted and computed again
+
+
+def _solver_state(native_outer, monkeypatch, x, y, p, pidx, q, rows, max_outer, dtype, chunk):
+    """`svm._solve` run for max_outer outer steps from alpha = 0, on XLA's loop or the C++ one:
+    the state as numpy arrays."""
+    monkeypatch.setattr(svm, "_NATIVE_OUTER", native_outer)
+    svm._solve.clear_cache()
+    n, m = len(x), len(y)
+    x_all, sq_all = svm._to_device(x.astype(np.float32), dtype)
+    state = svm._init_state(svm._zeros((rows, n)), m, q)
+    out = svm._solve(
+        state, jax.device_put((-y * p).astype(np.float32)), x_all=x_all, sq_all=sq_all,
+        points=jax.device_put(np.arange(n, dtype=np.int32)),
+        pidx=jax.device_put(pidx.astype(np.int32)), y=jax.device_put(y.astype(np.float32)),
+        c=jax.device_put(np.full(m, 1.0, np.float32)), gamma=np.float32(0.05),
+        coef0=np.float32(0.0), tol=np.float32(1e-3), max_outer=np.int32(max_outer),
+        threads=np.int32(1), kernel="linear", degree=3, max_inner=10_000, chunk=chunk,
+    )
+    return [np.asarray(a) for a in out]
+
+
+@pytest.mark.parametrize("case", ["full", "evicting", "svr-evicting", "bfloat16"])
+def test_native_solver_state_matches_the_xla_solver_step_by_step(case, monkeypatch):
+    """The C++ solver's state after 1, 2 and 12 outer steps is XLA's: the same working sets,
+    kernel-row slots, LRU owners and stamps and row counts, exactly, and the same alphas,
+    gradients and working-set kernel up to rounding. Small integer points and the linear kernel
+    make every product exact, and f starts full of ties (f = y), which the selection must break
+    as lax.top_k does (larger first, then the lower index)."""
+    assert svm._native_outer()
+    rng = np.random.default_rng(1)
+    n = 192
+    x = rng.integers(-3, 4, (n, 6)).astype(np.float64)
+    label = np.where(x[:, 0] + x[:, 1] - x[:, 2] + rng.normal(0, 3.0, n) > 0, 1.0, -1.0)
+    q, rows, y, p, pidx = 16, n, label, -np.ones(n), np.arange(n)
+    if case.endswith("evicting"):
+        rows = 32  # 2q: rows are evicted
+    else:
+        q = 64  # members that do not move: a row block's spare rows go to them
+    # row blocks of 8 (below svm._TAIL) or 32 (whole blocks, then _TAIL-row ones): both ways of
+    # counting a block's spare rows (they are filled with a full cache only)
+    chunk = 32 if case == "bfloat16" else 8
+    if case == "svr-evicting":  # two variables per point (epsilon-SVR's layout)
+        z = x[:, 0] - 0.5 * x[:, 1] + rng.normal(0, 2.0, n)
+        y = np.concatenate([np.ones(n), -np.ones(n)])
+        p = np.concatenate([0.1 - z, 0.1 + z])
+        pidx = np.concatenate([np.arange(n), np.arange(n)])
+    dtype = jnp.bfloat16 if case == "bfloat16" else jnp.float32
+    try:
+        for steps in (1, 2, 12):
+            cpp = _solver_state(True, monkeypatch, x, y, p, pidx, q, rows, steps, dtype, chunk)
+            xla = _solver_state(False, monkeypatch, x, y, p, pidx, q, rows, steps, dtype, chunk)
+            valid = xla[svm.VALID]
+            for k in (svm.IT, svm.N_ROWS, svm.VALID, svm.SLOT_OF, svm.OWNER, svm.STAMP):
+                np.testing.assert_array_equal(cpp[k], xla[k], err_msg=f"{case} {steps} {k}")
+            np.testing.assert_array_equal(cpp[svm.WS][valid], xla[svm.WS][valid])
+            for k in (svm.ALPHA, svm.F, svm.KBB, svm.GAP):
+                np.testing.assert_allclose(cpp[k], xla[k], rtol=1e-5, atol=1e-5,
+                                           err_msg=f"{case} {steps} {k}")
+            assert int(cpp[svm.IT]) == steps and valid.any()  # (not converged yet)
+            if case.endswith("evicting") and steps == 12:
+                assert xla[svm.N_ROWS] > rows  # rows were evicted
+    finally:
+        svm._solve.clear_cache()
 
 
 def test_native_inner_loop_opt_out():
@@ -657,10 +720,10 @@ def test_grid_points_in_bfloat16_give_the_float32_kernel_bit_for_bit():
 def test_fit_on_the_grid_is_the_same_in_bfloat16_and_float32(fashion_pair, monkeypatch):
     """The whole fit, solver trajectory included, is identical with either storage dtype."""
     x, y = fashion_pair
-    monkeypatch.setattr(svm, "_grid_dtype", lambda: jnp.bfloat16)
+    monkeypatch.setattr(svm, "_grid_dtype", lambda solver=True: jnp.bfloat16)
     a = svm.SVC(C=10).fit(x, y)
     assert a._grid is not None
-    monkeypatch.setattr(svm, "_grid_dtype", lambda: jnp.float32)
+    monkeypatch.setattr(svm, "_grid_dtype", lambda solver=True: jnp.float32)
     b = svm.SVC(C=10).fit(x, y)
     np.testing.assert_array_equal(a.dual_coef_, b.dual_coef_)
     np.testing.assert_array_equal(a.n_iter_, b.n_iter_)
@@ -710,6 +773,23 @@ def test_grid_dtype_of_the_native_solver(monkeypatch):
     for has, dtype in ((True, jnp.bfloat16), (False, jnp.float32)):
         monkeypatch.setattr(svm, "_cpu_bf16", lambda has=has: has)
         assert svm._grid_dtype() == dtype
+        assert svm._grid_dtype(solver=False) == jnp.float32  # XLA's products: the flags decide
+
+
+def test_native_solver_given_bfloat16_points_on_a_cpu_without_bfloat16(fashion_pair, monkeypatch):
+    """oneDNN 2 multiplies bfloat16 only with AVX-512: elsewhere `_solve_native` hands it the
+    points in float32 (exact on the grid), and the fit is the same to the bit."""
+    x, y = fashion_pair
+    monkeypatch.setattr(svm, "_grid_dtype", lambda solver=True: jnp.bfloat16)
+    a = svm.SVC(C=10).fit(x, y)
+    monkeypatch.setattr(svm, "_cpu_bf16", lambda: False)
+    svm._solve.clear_cache()  # (read when the solver is traced)
+    try:
+        b = svm.SVC(C=10).fit(x, y)
+    finally:
+        svm._solve.clear_cache()
+    np.testing.assert_array_equal(a.dual_coef_, b.dual_coef_)
+    np.testing.assert_array_equal(a.n_iter_, b.n_iter_)
 
 
 def test_no_support_vectors_on_the_grid(fashion_pair):
