@@ -338,6 +338,7 @@ struct Solver {
   bool* valid;
   dnnl::stream stream{Engine()};
   std::shared_ptr<Gemm> g_chunk, g_tail, g_block;
+  void *packed_chunk_data = nullptr, *packed_tail_data = nullptr;  // the points, packed (Pack)
 
   const char* Row(int64_t p) const { return x + p * d * esize; }
 
@@ -356,10 +357,12 @@ struct Solver {
     memory plain(g_chunk->b_plain, eng, const_cast<char*>(x));
     memory packed(g_chunk->b, eng, scratch.packed.data());
     g_chunk->pack.execute(stream, plain, packed);
-    if (g_tail != g_chunk && !(g_tail->b == g_chunk->b)) {
+    packed_chunk_data = packed_tail_data = scratch.packed.data();
+    if (!(g_tail->b == g_chunk->b)) {  // the tail-row product wants its own layout
       scratch.packed_tail.resize(g_tail->b.get_size());
       memory packed_tail(g_tail->b, eng, scratch.packed_tail.data());
       g_tail->pack.execute(stream, plain, packed_tail);
+      packed_tail_data = scratch.packed_tail.data();
     }
     stream.wait();
   }
@@ -530,9 +533,8 @@ struct Solver {
       const Gemm& g = big ? *g_chunk : *g_tail;
       const int64_t size = big ? chunk : tail;
       const int64_t active = std::min(size, n_need - b);
-      void* packed = (!big && g_tail != g_chunk && !(g_tail->b == g_chunk->b))
-                         ? scratch.packed_tail.data() : scratch.packed.data();
-      const float* blk = Block(g, todo.data() + b, active, size, n, packed, sq);
+      const float* blk = Block(g, todo.data() + b, active, size, n,
+                               big ? packed_chunk_data : packed_tail_data, sq);
       for (int64_t r = 0; r < active; ++r) {
         const int32_t p = todo[b + r];
         const int32_t v = full ? p : victims[b + r];
@@ -603,7 +605,8 @@ struct Solver {
                                  scratch.smo_diag);
     // the variables that moved, then the spare rows of the last row block (svm._speculative)
     std::unique_ptr<bool[]> changed(new bool[q]), want(new bool[q]);
-    std::vector<float> coef(q);
+    auto& coef = scratch.coef;
+    coef.resize(q);
     int64_t n_changed = 0, n_uncached_changed = 0;
     for (int64_t k = 0; k < q; ++k) {
       const float delta = valid[k] ? a_new[k] - a_ws[k] : 0.0f;
@@ -637,7 +640,9 @@ struct Solver {
         if ((pass == 0 && changed[k]) || (pass == 1 && want[k] && !changed[k]) ||
             (pass == 2 && !want[k]))
           order.push_back(static_cast<int32_t>(k));
-    std::vector<int32_t> pts_o(q), slots(q);
+    std::vector<int32_t> pts_o(q);
+    auto& slots = scratch.slots;
+    slots.resize(q);
     std::unique_ptr<bool[]> want_o(new bool[q]);
     for (int64_t k = 0; k < q; ++k) {
       pts_o[k] = pts[order[k]];

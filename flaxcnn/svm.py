@@ -434,18 +434,21 @@ def _speculative(changed, valid, cached, chunk):
 IT, N_INNER, N_ROWS, ALPHA, F, WS, VALID, KBB, CACHE, SLOT_OF, OWNER, STAMP, GAP = range(13)
 
 
-def _init_state(cache, m, q):
+def _init_state(cache, m, q, *also):
     """alpha = 0, an empty working set, the kernel-row cache (see `_fetch`); f is `_solve`'s
-    argument. Made on the host: a compiled program for it would cost ~60 ms of a cold fit."""
+    argument. Made on the host: a compiled program for it would cost ~60 ms of a cold fit.
+    `also`: host arrays sent to the device in the same transfer (each `device_put` call costs
+    ~0.15 ms, and a fit solves 45 problems); returns (state, *also on the device)."""
     rows, n = cache.shape
     small = 1 if rows >= n else rows
     i32, f32 = np.int32, np.float32
-    state = jax.device_put((
+    state, *also = jax.device_put(((
         i32(0), i32(0), i32(0), np.zeros(m, f32), np.zeros(m, f32), np.zeros(q, i32),
         np.zeros(q, bool), np.zeros((q, q), f32), None, np.full(n, -1, i32),
         np.full(small, -1, i32), np.full(small, -1, i32), f32(np.inf),
-    ))
-    return (*state[:CACHE], cache, *state[CACHE + 1 :])
+    ), *also))
+    state = (*state[:CACHE], cache, *state[CACHE + 1 :])
+    return (state, *also) if also else state
 
 
 @partial(
@@ -629,13 +632,11 @@ class _Problem:
         if cache is None:
             cache = _zeros((rows, n_pad))
         f = -yp * pp  # -y G at alpha = 0
-        # one transfer for all (each `device_put` call costs ~0.15 ms: 45 problems)
-        points_d, pid_d, yj, cj, f_d = jax.device_put((pts, pid, yp, cp, f))
+        state, points_d, pid_d, yj, cj, f_d = _init_state(cache, m_pad, qq, pts, pid, yp, cp, f)
         dev = dict(
             x_all=x_all, sq_all=sq_all, points=points_d, gamma=np.float32(gamma),
             coef0=np.float32(coef0), kernel=kernel, degree=int(degree),
         )
-        state = _init_state(cache, m_pad, q=qq)
         limit = np.int32(max_iter if max_iter > 0 else np.iinfo(np.int32).max)
         for r in range(_REFRESHES + 1):
             state = _solve(
