@@ -481,6 +481,8 @@ def bench_network(name, args, device):
     res["load_after"] = harness.load_average()
     res["train"] = {m: harness.summarize(v, batch) for m, v in train.items()}
     res["inference"] = {m: harness.summarize(v, batch) for m, v in infer.items()}
+    # round by round, for the paired ratios (`derived`) and anyone re-analysing the run
+    res["samples_s"] = {"train": train, "inference": infer}
     res["final_loss"] = {m: s.last_loss for m, s in sides.items() if hasattr(s, "last_loss")}
     res["errors"] = errors
     res["processes"] = "one" if args.same_process else "one per framework"
@@ -522,6 +524,23 @@ def fmt_rate(r):
     return f"{r['median']:.1f} ({r['min']:.1f}-{r['max']:.1f})"
 
 
+def paired_ratios(samples: dict[str, list[float]], mode: str) -> dict:
+    """JAX's speed over PyTorch `mode`'s within each round (samples in seconds, one per runner
+    and round): the runners of a round ran back to back, so a slow phase of the host that
+    spans the round cancels, which it does not in the ratio of the two medians."""
+    ratios = sorted(t / j for j, t in zip(samples["jax"], samples[mode], strict=True))
+    return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1],
+            "rounds_at_least_1": sum(q >= 1.0 for q in ratios), "n": len(ratios)}
+
+
+def fmt_paired(d):
+    p = d.get("jax_over_torch_best_paired")
+    if not p:
+        return "n/a"
+    return (f"{p['median']:.2f} [{p['min']:.2f}-{p['max']:.2f}], "
+            f"{p['rounds_at_least_1']}/{p['n']}")
+
+
 def derived(res, peak_gflops):
     """JAX / best PyTorch mode and GFLOP/s figures of one network's result."""
     out = {}
@@ -529,12 +548,15 @@ def derived(res, peak_gflops):
         rates = res[kind]
         torch_best = max((m for m in rates if m != "jax"), key=lambda m: rates[m]["median"],
                          default=None)
+        paired = (paired_ratios(res["samples_s"][kind], torch_best)
+                  if torch_best and "samples_s" in res else None)
         fpe = res["flops_per_example"][kind]
         gf = fpe * rates["jax"]["median"] / 1e9
         out[kind] = {
             "torch_best_mode": torch_best,
             "jax_over_torch_best": rates["jax"]["median"] / rates[torch_best]["median"]
             if torch_best else None,
+            "jax_over_torch_best_paired": paired,
             "jax_gflops": gf,
             "jax_fraction_of_gemm_peak": gf / peak_gflops if peak_gflops else None,
             "torch_best_gflops": fpe * rates[torch_best]["median"] / 1e9 if torch_best else None,
@@ -571,9 +593,10 @@ def markdown(report) -> str:
         "## Training (examples/s, median (min-max) of interleaved samples)",
         "",
         "| network | side | batch | JAX (flaxcnn) | torch eager | torch channels_last "
-        "| torch.compile | JAX / best torch | GFLOP/example | JAX GFLOP/s | % GEMM peak "
+        "| torch.compile | JAX / best torch | per round: median [min-max], rounds >= 1 "
+        "| GFLOP/example | JAX GFLOP/s | % GEMM peak "
         "| compile s (JAX / torch.compile) | peak MiB (JAX / eager / CL / compile) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def mem(r):
@@ -589,6 +612,7 @@ def markdown(report) -> str:
             f"| {r['network']} | {r['side']} | {r['batch']} | **{fmt_rate(r['train']['jax'])}** "
             f"| {fmt_rate(r['train'].get('eager'))} | {fmt_rate(r['train'].get('channels_last'))}"
             f" | {fmt_rate(r['train'].get('compile'))} | **{d['jax_over_torch_best']:.2f}×** "
+            f"| {fmt_paired(d)} "
             f"| {r['flops_per_example']['train'] / 1e9:.3f} | {d['jax_gflops']:.1f} "
             f"| {100 * d['jax_fraction_of_gemm_peak']:.0f}% | {c['jax_train']:.1f} / "
             f"{f'{tc:.1f}' if tc is not None else 'n/a'} | {mem(r)} |")
@@ -597,9 +621,10 @@ def markdown(report) -> str:
         "## Inference, eval mode (examples/s)",
         "",
         "| network | batch | JAX (flaxcnn) | torch eager | torch channels_last | torch.compile "
-        "| JAX / best torch | GFLOP/example | JAX GFLOP/s | % GEMM peak "
+        "| JAX / best torch | per round: median [min-max], rounds >= 1 "
+        "| GFLOP/example | JAX GFLOP/s | % GEMM peak "
         "| compile s (JAX / torch.compile) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         d = r["derived"]["inference"]
@@ -610,6 +635,7 @@ def markdown(report) -> str:
             f"| {fmt_rate(r['inference'].get('eager'))} "
             f"| {fmt_rate(r['inference'].get('channels_last'))} "
             f"| {fmt_rate(r['inference'].get('compile'))} | **{d['jax_over_torch_best']:.2f}×** "
+            f"| {fmt_paired(d)} "
             f"| {r['flops_per_example']['inference'] / 1e9:.3f} | {d['jax_gflops']:.1f} "
             f"| {100 * d['jax_fraction_of_gemm_peak']:.0f}% | {c['jax_inference']:.1f} / "
             f"{f'{tc:.1f}' if tc is not None else 'n/a'} |")
@@ -633,7 +659,11 @@ def markdown(report) -> str:
         + "Every runner warms up, then all runners take turns "
         f"({report['args']['rounds']} rounds, the order rotating each round), each sample "
         "lasting about "
-        f"{report['args']['sample_s']} s. GFLOP/example is XLA's cost analysis of the step "
+        f"{report['args']['sample_s']} s. JAX / best torch: the ratio of the medians, against "
+        "the PyTorch mode with the best median; per round: the same ratio within each round "
+        "(the runners of a round ran back to back, so a slow phase of the host that spans "
+        "the round cancels), and in how many rounds JAX was at least as fast. GFLOP/example "
+        "is XLA's cost analysis of the step "
         "traced without oneDNN (XLA's convolutions and flaxcnn's other CPU paths), since it sees "
         "nothing inside oneDNN's custom calls (a "
         "multiply-add counts 2). Compile time: XLA's lower + compile; torch.compile's "
@@ -787,6 +817,9 @@ def main(argv=None):
         r["network"]: {"train_jax_over_torch_best": r["derived"]["train"]["jax_over_torch_best"],
                        "inference_jax_over_torch_best":
                            r["derived"]["inference"]["jax_over_torch_best"],
+                       **{f"{k}_jax_over_torch_best_paired_median":
+                          (r["derived"][k]["jax_over_torch_best_paired"] or {}).get("median")
+                          for k in ("train", "inference")},
                        "train_fraction_of_gemm_peak":
                            r["derived"]["train"]["jax_fraction_of_gemm_peak"]}
         for r in results}
@@ -802,6 +835,9 @@ def main(argv=None):
         [r["derived"]["train"]["jax_over_torch_best"] for r in results])
     log(f"training, JAX / best torch: geometric mean {geo:.2f}; " + ", ".join(
         f"{r['network']} {r['derived']['train']['jax_over_torch_best']:.2f}" for r in results))
+    for kind in ("train", "inference"):
+        log(f"{kind}, per round (median [min-max], rounds >= 1): " + "; ".join(
+            f"{r['network']} {fmt_paired(r['derived'][kind])}" for r in results))
     return 0
 
 

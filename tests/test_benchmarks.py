@@ -24,6 +24,12 @@ def test_bench_vs_torch_runs_each_framework_in_its_own_worker(tmp_path):
     for kind in ("train", "inference"):
         assert set(result[kind]) == {"jax", "eager"}
         assert all(r["median"] > 0 for r in result[kind].values())
+        # one sample per runner and round, kept for the paired (round by round) ratio
+        samples = result["samples_s"][kind]
+        assert {m: len(v) for m, v in samples.items()} == {"jax": 1, "eager": 1}
+        paired = result["derived"][kind]["jax_over_torch_best_paired"]
+        assert paired["n"] == 1
+        assert math.isclose(paired["median"], samples["eager"][0] / samples["jax"][0])
     assert result["compile_s"]["jax_train"] > 0
     assert result["flops_per_example"]["train"] > 0
     # Both sides trained (a warm-up and a timed sample): finite losses came back.
@@ -31,3 +37,15 @@ def test_bench_vs_torch_runs_each_framework_in_its_own_worker(tmp_path):
     assert all(math.isfinite(v) for v in result["final_loss"].values())
     assert "worker process" in (tmp_path / "smoke.md").read_text()
     assert (tmp_path / "smoke.png").stat().st_size > 0
+
+
+def test_paired_ratios_pair_each_round():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_vs_torch import paired_ratios
+
+    # seconds per sample; round 2 is a slow phase of the host for both runners
+    samples = {"jax": [1.0, 2.0, 1.0], "eager": [1.1, 2.2, 0.9], "compile": [5.0, 5.0, 5.0]}
+    p = paired_ratios(samples, "eager")
+    assert math.isclose(p["median"], 1.1) and math.isclose(p["max"], 1.1)
+    assert math.isclose(p["min"], 0.9)
+    assert (p["rounds_at_least_1"], p["n"]) == (2, 3)
