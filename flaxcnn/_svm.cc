@@ -273,7 +273,7 @@ std::shared_ptr<Eltwise> GetEltwise(int64_t m, int64_t n, dnnl::algorithm algo) 
 // Per-thread memory, grown as needed and kept (two problems are solved side by side).
 struct Scratch {
   std::vector<char> a, packed, packed_tail, pad;
-  std::vector<float> block, knew, kept, v, a_ws, f_ws, y_ws, c_ws, a_new, smo_f, smo_diag, coef;
+  std::vector<float> block, knew, v, a_ws, f_ws, y_ws, c_ws, a_new, smo_f, smo_diag, coef;
   std::vector<int32_t> pts, order, slots, todo, victims, mark, cand;
   std::vector<char> xs, keep, x_local;
   std::vector<float> sq_local;
@@ -576,15 +576,9 @@ struct Solver {
     auto& knew = scratch.knew;
     knew.resize(h * q);
     NewBlock(pts.data(), knew.data());
-    auto& kept = scratch.kept;
-    kept.resize(h * h);
-    for (int64_t r = 0; r < h; ++r)
-      std::memcpy(kept.data() + r * h, kbb + (h + r) * q + h, h * sizeof(float));
-    for (int64_t r = 0; r < h; ++r) {
-      for (int64_t s = 0; s < h; ++s) {
-        kbb[r * q + s] = kept[r * h + s];
-        kbb[r * q + h + s] = knew[s * q + r];
-      }
+    for (int64_t r = 0; r < h; ++r) {  // (rows h..q-1 are read, rows 0..h-1 written)
+      std::memcpy(kbb + r * q, kbb + (h + r) * q + h, h * sizeof(float));
+      for (int64_t s = 0; s < h; ++s) kbb[r * q + h + s] = knew[s * q + r];
     }
     std::memcpy(kbb + h * q, knew.data(), h * q * sizeof(float));
     for (int64_t r = 0; r < q; ++r)

@@ -146,10 +146,10 @@ def build_svm_solve(force: bool = False) -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++ or $CXX)")
     includes, libs, depends = onednn.build_flags()
+    # no OpenMP library of its own: omp_* come from the one oneDNN was built with, if any
     return compile_library("svm_solve", SVM_SOURCE, cxx,
                            includes=["-DFLAXCNN_SVM_SOLVE", *includes], libs=libs,
                            depends=depends, what="the SVM solver", force=force)
-    # (no OpenMP library of its own: omp_* come from the one oneDNN was built with, if any)
 
 
 _svm_solve = Library(build_svm_solve, SVM_SOLVE_TARGETS, SVM_OPT_OUT_ENV)

@@ -122,8 +122,9 @@ _BUCKET_STEPS = 8  # sizes are padded up to one of 8 steps per power of two (<= 
 def _trace_settings() -> tuple:
     """The settings above that the compiled solver reads when traced (its programs on disk are
     found by them too: compilation_cache.persistent_jit)."""
-    return (_TAU, _LOCAL_FACTOR, _TAIL, _SPECULATE, _GEMV, _BLOCK, _native_inner(),
-            _native_outer())
+    outer = _native_outer()  # (then the inner loop is the C++ solver's own: no other library)
+    return (_TAU, _LOCAL_FACTOR, _TAIL, _SPECULATE, _GEMV, _BLOCK,
+            not outer and _native_inner(), outer)
 
 
 def _native_inner() -> bool:
