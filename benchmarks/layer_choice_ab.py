@@ -9,6 +9,7 @@ model is built:
     python benchmarks/layer_choice_ab.py --networks resnet18 densenet --arms default min12 xla
     python benchmarks/layer_choice_ab.py --networks resnet18 --arms default onednn-forward --eval
     python benchmarks/layer_choice_ab.py --arms default onednn-prefix --onednn-prefix /opt/dnnl
+    python benchmarks/layer_choice_ab.py --networks lenet_bn densenet --arms default onednn-openmp
 
 `--eval` times the eval-mode forward pass (`training.eval_step`) instead of the training step.
 """
@@ -41,6 +42,8 @@ ARMS = {
     "dot1x1": {},
     # the default choices with another oneDNN build (--onednn-prefix; onednn.PREFIX_ENV)
     "onednn-prefix": {},
+    # oneDNN's calls on its own (OpenMP) threads, not split over XLA's pool (onednn.XLA_POOL)
+    "onednn-openmp": {},
 }
 _PREFIX = "FLAXCNN_AB_ONEDNN_PREFIX"  # --onednn-prefix, for the children of that arm
 
@@ -78,6 +81,8 @@ def child(network: str, arm: str, batch: int, steps: int, samples: int, evaluate
         setattr(layers, k, v)
     if arm == "dot1x1":
         _dot_1x1(layers)
+    if arm == "onednn-openmp":
+        onednn.XLA_POOL = False
     step, state, x, y = harness.compiled_train_step(network, batch)
     if evaluate:
         from flaxcnn import training

@@ -7,23 +7,40 @@
 // blocked layout (and the kernel gradient back). float32 only; the bias stays in JAX.
 //
 // Three handlers, one per pass: y = conv(x, w); dx = conv_backward_data(dy, w);
-// dw = conv_backward_weights(x, dy). Attributes: strides and padding (top, bottom, left, right).
-// Primitives are created once per shape and kept (primitive creation JIT-compiles kernels).
+// dw = conv_backward_weights(x, dy). Attributes: strides, padding (top, bottom, left, right) and
+// `xla_pool`. Primitives are created once per shape and kept (primitive creation JIT-compiles
+// kernels).
+//
+// Threads: with `xla_pool` (flaxcnn's default) a call splits its batch over XLA's own intra-op
+// thread pool, each part run by oneDNN on one thread; otherwise oneDNN runs the call on its own
+// threads (OpenMP in Debian's build). The two runtimes on the same cores got in each other's way:
+// each one's threads spin for a while after their work, while the other's want the core
+// (LeNet-BN's inference 1.22x, DenseNet's 1.16x with the split; benchmarks/xla_cpu_study.md).
 
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
+#include <functional>
 #include <new>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
+#include <thread>
 #include <tuple>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#if DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_OMP
+#include <omp.h>  // (no OpenMP library linked: omp_* come from the one oneDNN was built with)
+#endif
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
@@ -43,9 +60,10 @@ struct Key {
   int pass;
   std::array<int64_t, 4> src, weights, dst;
   std::array<int64_t, 6> geometry;  // stride h, w; pad top, bottom, left, right
+  bool one_thread = false;          // created for (and run on) one thread
   bool operator<(const Key& o) const {
-    return std::tie(pass, src, weights, dst, geometry) <
-           std::tie(o.pass, o.src, o.weights, o.dst, o.geometry);
+    return std::tie(pass, src, weights, dst, geometry, one_thread) <
+           std::tie(o.pass, o.src, o.weights, o.dst, o.geometry, o.one_thread);
   }
 };
 
@@ -63,6 +81,13 @@ struct Conv {
 // every primitive takes a user scratchpad, from here. XLA's threads live as long as the process.
 class ThreadBuffer {
  public:
+  ThreadBuffer() = default;
+  ThreadBuffer(ThreadBuffer&& o) noexcept : data_(o.data_), size_(o.size_) {
+    o.data_ = nullptr;
+    o.size_ = 0;
+  }
+  ThreadBuffer(const ThreadBuffer&) = delete;
+  ThreadBuffer& operator=(const ThreadBuffer&) = delete;
   ~ThreadBuffer() { std::free(data_); }
   void* Get(size_t size) {
     if (size > size_) {
@@ -83,6 +108,70 @@ class ThreadBuffer {
 };
 
 thread_local ThreadBuffer weights_buffer, scratchpad_buffer, reorder_scratchpad_buffer;
+thread_local std::vector<ThreadBuffer> partial_buffers;  // kernel gradients of the batch's parts
+
+// Whether a call can run oneDNN on one thread: with OpenMP, by setting the calling thread's
+// team size; a sequential build always does. Other runtimes (TBB, a threadpool) keep their own
+// threads, and no batch is split.
+constexpr bool kCanRunOnOneThread = DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_OMP ||
+                                    DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_SEQ;
+
+// While in scope, oneDNN's work on this thread runs on this thread alone.
+class OneThread {
+ public:
+  OneThread() {
+#if DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_OMP
+    saved_ = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+  }
+  ~OneThread() {
+#if DNNL_CPU_THREADING_RUNTIME == DNNL_RUNTIME_OMP
+    omp_set_num_threads(saved_);
+#endif
+  }
+  OneThread(const OneThread&) = delete;
+  OneThread& operator=(const OneThread&) = delete;
+
+ private:
+  int saved_ = 1;
+};
+
+// fn(0), ..., fn(parts - 1), on the calling thread and XLA's pool. Each participant takes the
+// next part not yet taken, so the caller does every part nobody else has started (the pool may
+// be busy with the step's other work, or be this very thread): no waiting on a queued task.
+struct Work {
+  std::atomic<int> next{0}, done{0};
+  int parts = 0;
+  std::function<void(int)> fn;  // called only while ParallelFor waits
+  std::mutex mu;
+  std::string error;
+};
+
+void TakeParts(Work* w) {
+  for (int i; (i = w->next.fetch_add(1)) < w->parts;) {
+    try {
+      w->fn(i);
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> lock(w->mu);
+      w->error = e.what();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(w->mu);
+      w->error = "unknown error";
+    }
+    w->done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+void ParallelFor(ffi::ThreadPool* pool, int parts, std::function<void(int)> fn) {
+  auto w = std::make_shared<Work>();  // a helper may start after this returns: it takes nothing
+  w->parts = parts;
+  w->fn = std::move(fn);
+  for (int t = 1; t < parts; ++t) pool->Schedule([w]() { TakeParts(w.get()); });
+  TakeParts(w.get());
+  while (w->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+  if (!w->error.empty()) throw std::runtime_error(w->error);
+}
 
 std::shared_ptr<Conv> MakeConv(const Key& k) {
   auto dims = [](const std::array<int64_t, 4>& a) { return memory::dims(a.begin(), a.end()); };
@@ -163,13 +252,116 @@ std::shared_ptr<Conv> GetConv(const Key& k) {
 std::array<int64_t, 4> Nchw(ffi::Span<const int64_t> d) { return {d[0], d[3], d[1], d[2]}; }
 std::array<int64_t, 4> Oihw(ffi::Span<const int64_t> d) { return {d[3], d[2], d[0], d[1]}; }
 
-ffi::Error Run(int pass, float* src, float* weights, float* dst, ffi::Span<const int64_t> src_d,
-               ffi::Span<const int64_t> weights_d, ffi::Span<const int64_t> dst_d, int64_t sh,
-               int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+// The call as `parts` equal slices of the batch (NHWC: contiguous), one per participant of
+// ParallelFor, each by a primitive created for one thread. The weights are reordered once, by
+// the caller; the kernel gradient is the sum of the parts' own, added in part order whichever
+// thread ran which part (deterministic).
+void RunSplit(ffi::ThreadPool* pool, int parts, int pass, float* src, float* weights, float* dst,
+              ffi::Span<const int64_t> src_d, ffi::Span<const int64_t> weights_d,
+              ffi::Span<const int64_t> dst_d, const std::array<int64_t, 6>& geometry) {
+  auto sd = Nchw(src_d), dd = Nchw(dst_d);
+  sd[0] = dd[0] = src_d[0] / parts;
+  std::shared_ptr<Conv> c;
+  OneThread one;  // the weights' reorders below, and the primitives' creation
+  c = GetConv(Key{pass, sd, Oihw(weights_d), dd, geometry, true});
+  const int64_t src_step = sd[0] * sd[1] * sd[2] * sd[3], dst_step = dd[0] * dd[1] * dd[2] * dd[3];
+  auto& eng = Engine();
+  memory m_plain(c->plain_weights, eng, weights);
+  auto reorder = [&](memory& from, memory& to) {
+    dnnl::stream stream(eng);
+    memory m(c->reorder_scratchpad, eng,
+             reorder_scratchpad_buffer.Get(c->reorder_scratchpad.get_size()));
+    c->weights_reorder.execute(
+        stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}, {DNNL_ARG_SCRATCHPAD, m}});
+    stream.wait();
+  };
+  auto run_part = [&](int p, memory& m_weights) {
+    OneThread one_here;
+    dnnl::stream stream(eng);
+    memory m_src(c->src, eng, src + p * src_step), m_dst(c->dst, eng, dst + p * dst_step);
+    memory m_scratch(c->scratchpad, eng, scratchpad_buffer.Get(c->scratchpad.get_size()));
+    if (pass == kForward) {
+      c->primitive.execute(stream, {{DNNL_ARG_SRC, m_src},
+                                    {DNNL_ARG_WEIGHTS, m_weights},
+                                    {DNNL_ARG_DST, m_dst},
+                                    {DNNL_ARG_SCRATCHPAD, m_scratch}});
+    } else if (pass == kBackwardData) {
+      c->primitive.execute(stream, {{DNNL_ARG_DIFF_DST, m_dst},
+                                    {DNNL_ARG_WEIGHTS, m_weights},
+                                    {DNNL_ARG_DIFF_SRC, m_src},
+                                    {DNNL_ARG_SCRATCHPAD, m_scratch}});
+    } else {
+      c->primitive.execute(stream, {{DNNL_ARG_SRC, m_src},
+                                    {DNNL_ARG_DIFF_DST, m_dst},
+                                    {DNNL_ARG_DIFF_WEIGHTS, m_weights},
+                                    {DNNL_ARG_SCRATCHPAD, m_scratch}});
+    }
+    stream.wait();
+  };
+  if (pass != kBackwardWeights) {
+    memory m_weights = c->reordered
+                           ? memory(c->weights, eng, weights_buffer.Get(c->weights.get_size()))
+                           : m_plain;
+    if (c->reordered) reorder(m_plain, m_weights);
+    ParallelFor(pool, parts, [&](int p) { run_part(p, m_weights); });
+    return;
+  }
+  // Kernel gradient: part 0 into the result (or, if reordered, the first partial buffer).
+  const size_t bytes = c->weights.get_size();
+  if (partial_buffers.size() < static_cast<size_t>(parts)) partial_buffers.resize(parts);
+  std::vector<memory> out;
+  for (int p = 0; p < parts; ++p) {
+    float* data = (p == 0 && !c->reordered) ? weights
+                                            : static_cast<float*>(partial_buffers[p].Get(bytes));
+    out.emplace_back(c->weights, eng, data);
+  }
+  ParallelFor(pool, parts, [&](int p) { run_part(p, out[p]); });
+  const size_t count = bytes / sizeof(float);
+  const size_t chunk = (count + parts - 1) / parts;
+  ParallelFor(pool, parts, [&](int q) {
+    float* sum = static_cast<float*>(out[0].get_data_handle());
+    for (int p = 1; p < parts; ++p) {
+      const float* add = static_cast<const float*>(out[p].get_data_handle());
+      for (size_t i = q * chunk, end = std::min(count, i + chunk); i < end; ++i) sum[i] += add[i];
+    }
+  });
+  if (c->reordered) reorder(out[0], m_plain);
+}
+
+// How many parts a call's batch is split into over XLA's pool (1: oneDNN's own threads). Not
+// where the weights outnumber the input's values (ResNet-18's 256- and 512-channel layers on 6x6
+// and 3x3 maps): each part's primitive would then reorder, and the kernel gradient sum, more
+// data than it convolves, on one thread (those layers ran 1.1-1.6x slower split).
+std::atomic<int64_t> split_calls{0};  // FlaxcnnOnednnSplitCalls
+
+int Parts(ffi::ThreadPool* pool, ffi::Span<const int64_t> src_d,
+          ffi::Span<const int64_t> weights_d) {
+  if (pool == nullptr || !kCanRunOnOneThread) return 1;
+  int64_t n = src_d[0], threads = pool->num_threads();
+  if (threads < 2 || n < 2) return 1;
+  int parts = static_cast<int>(std::min(threads, n));
+  int64_t src_count = n * src_d[1] * src_d[2] * src_d[3];
+  int64_t weights_count = weights_d[0] * weights_d[1] * weights_d[2] * weights_d[3];
+  // equal parts only: every part then shares one primitive and one weights layout
+  if (n % parts != 0 || weights_count > src_count) return 1;
+  return parts;
+}
+
+ffi::Error Run(ffi::ThreadPool* pool, int pass, float* src, float* weights, float* dst,
+               ffi::Span<const int64_t> src_d, ffi::Span<const int64_t> weights_d,
+               ffi::Span<const int64_t> dst_d, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+               int64_t pl, int64_t pr) {
   if (src_d.size() != 4 || weights_d.size() != 4 || dst_d.size() != 4) {
     return ffi::Error::InvalidArgument("flaxcnn oneDNN convolution: operands must be 4-D");
   }
   try {
+    int parts = Parts(pool, src_d, weights_d);
+    if (parts > 1) {
+      split_calls.fetch_add(1, std::memory_order_relaxed);
+      RunSplit(pool, parts, pass, src, weights, dst, src_d, weights_d, dst_d,
+               {sh, sw, pt, pb, pl, pr});
+      return ffi::Error::Success();
+    }
     Key key{pass, Nchw(src_d), Oihw(weights_d), Nchw(dst_d), {sh, sw, pt, pb, pl, pr}};
     auto c = GetConv(key);
     auto& eng = Engine();
@@ -216,29 +408,38 @@ ffi::Error Run(int pass, float* src, float* weights, float* dst, ffi::Span<const
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+// `xla_pool`: split the batch over XLA's thread pool (see the top of this file), or not (0).
+ffi::ThreadPool* Pool(ffi::ThreadPool& pool, int64_t xla_pool) {
+  return xla_pool ? &pool : nullptr;
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
-                   int64_t pb, int64_t pl, int64_t pr) {
-  return Run(kForward, x.typed_data(), w.typed_data(), y->typed_data(), x.dimensions(),
-             w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
+                   int64_t pb, int64_t pl, int64_t pr, int64_t xla_pool) {
+  return Run(Pool(pool, xla_pool), kForward, x.typed_data(), w.typed_data(), y->typed_data(),
+             x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
 }
 
-ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+ffi::Error BackwardData(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                         ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
-                        int64_t pb, int64_t pl, int64_t pr) {
-  return Run(kBackwardData, dx->typed_data(), w.typed_data(), dy.typed_data(), dx->dimensions(),
-             w.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
+                        int64_t pb, int64_t pl, int64_t pr, int64_t xla_pool) {
+  return Run(Pool(pool, xla_pool), kBackwardData, dx->typed_data(), w.typed_data(),
+             dy.typed_data(), dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pb,
+             pl, pr);
 }
 
-ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                           ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt,
-                           int64_t pb, int64_t pl, int64_t pr) {
-  return Run(kBackwardWeights, x.typed_data(), dw->typed_data(), dy.typed_data(), x.dimensions(),
-             dw->dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
+ffi::Error BackwardWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw, int64_t sh,
+                           int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                           int64_t xla_pool) {
+  return Run(Pool(pool, xla_pool), kBackwardWeights, x.typed_data(), dw->typed_data(),
+             dy.typed_data(), x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt, pb,
+             pl, pr);
 }
 
 auto Binding() {
   return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Ret<ffi::Buffer<ffi::F32>>()
@@ -247,10 +448,16 @@ auto Binding() {
       .Attr<int64_t>("pt")
       .Attr<int64_t>("pb")
       .Attr<int64_t>("pl")
-      .Attr<int64_t>("pr");
+      .Attr<int64_t>("pr")
+      .Attr<int64_t>("xla_pool");
 }
 
 }  // namespace
+
+// How many calls so far split their batch over XLA's pool (onednn.split_calls).
+extern "C" __attribute__((visibility("default"))) int64_t FlaxcnnOnednnSplitCalls() {
+  return split_calls.load(std::memory_order_relaxed);
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnConvForward, Forward, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnConvBackwardData, BackwardData, Binding());

@@ -81,6 +81,7 @@ class Library:
         self.build, self.targets, self.opt_out_env = build, targets, opt_out_env
         self._lock = threading.Lock()
         self._state: tuple[bool, str] | None = None
+        self.lib: ctypes.CDLL | None = None  # once loaded
 
     def _load(self) -> tuple[bool, str]:
         with self._lock:
@@ -101,6 +102,7 @@ class Library:
                                             platform="cpu")
         except Exception as e:  # whatever it is, XLA's own code still runs
             return False, str(e)
+        self.lib = lib
         return True, f"loaded {lib._name}"
 
     def available(self) -> bool:

@@ -17,6 +17,7 @@ keep XLA's convolution. Only float32 on the CPU takes this path.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import sys
@@ -101,9 +102,28 @@ def reason() -> str:
     return _library.reason()
 
 
+# Whether a call splits its batch over XLA's own thread pool, oneDNN running each part on one
+# thread (the default), or runs on oneDNN's own (OpenMP) threads: the two thread runtimes on the
+# same cores slowed each other down (`_onednn.cc`; benchmarks/xla_cpu_study.md). Read when a
+# step is traced.
+XLA_POOL = True
+
+
+def split_calls() -> int:
+    """How many convolution calls of this process have split their batch over XLA's thread pool
+    (`XLA_POOL`); calls with an odd batch, and layers with more weights than input values, run
+    on oneDNN's own threads instead (`_onednn.cc`). For tests and diagnostics."""
+    if not available():
+        return 0
+    fn = _library.lib.FlaxcnnOnednnSplitCalls
+    fn.restype = ctypes.c_int64
+    return fn()
+
+
 def _attrs(strides, padding):
     (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
-    return {k: np.int64(v) for k, v in dict(sh=sh, sw=sw, pt=pt, pb=pb, pl=pl, pr=pr).items()}
+    return {k: np.int64(v) for k, v in dict(sh=sh, sw=sw, pt=pt, pb=pb, pl=pl, pr=pr,
+                                            xla_pool=XLA_POOL).items()}
 
 
 def _call(target, shape, a, b, strides, padding):

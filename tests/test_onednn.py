@@ -41,26 +41,40 @@ GEOMETRIES = [
     (2, 27, 27, 1, 4, (11, 11), (4, 4), ((1, 1), (1, 1))),  # a one-channel stem
     (3, 3, 3, 6, 7, (5, 5), (1, 1), ((2, 2), (2, 2))),
     (2, 8, 7, 5, 3, (3, 2), (2, 1), ((0, 2), (1, 0))),
+    (2, 12, 12, 16, 16, (3, 3), (1, 1), ((1, 1), (1, 1))),  # weights in a blocked layout
 ]
 
 
+@pytest.mark.parametrize("xla_pool", [True, False], ids=["xla-pool", "openmp"])
 @pytest.mark.parametrize("case", range(len(GEOMETRIES)), ids=lambda i: str(GEOMETRIES[i]))
-def test_conv_and_gradients_equal_xla(case):
+def test_conv_and_gradients_equal_xla(case, xla_pool, monkeypatch):
     """Output, input gradient and kernel gradient within float32 rounding of XLA's convolution
-    (sums in another order)."""
+    (sums in another order), whether a call splits its batch over XLA's thread pool or runs on
+    oneDNN's own threads. The split is taken exactly where `_onednn.cc` says: a batch of 2 on
+    two or more cores, with no more weights than input values; its kernel gradient, a sum of
+    the parts', comes out the same on every run."""
+    monkeypatch.setattr(onednn, "XLA_POOL", xla_pool)
     n, h, w, c, o, k, strides, padding = GEOMETRIES[case]
     kx, kk, kg = jax.random.split(jax.random.key(case), 3)
     x = jax.random.normal(kx, (n, h, w, c))
     kernel = jax.random.normal(kk, (*k, c, o))
     ours = jax.jit(partial(onednn.conv, strides=strides, padding=padding))
+    assert f"xla_pool = {int(xla_pool)} : i64" in ours.lower(x, kernel).as_text()
     ref = partial(xla_conv, strides=strides, padding=padding)
+    before = onednn.split_calls()
     y, vjp = jax.vjp(ours, x, kernel)
+    got = jax.block_until_ready((y, *vjp(g := jax.random.normal(kg, y.shape))))
+    split = (xla_pool and n == 2 and len(os.sched_getaffinity(0)) >= 2
+             and kernel.size <= x.size)
+    assert onednn.split_calls() - before == (3 if split else 0)
     y_ref, vjp_ref = jax.vjp(ref, x, kernel)
     assert y.shape == y_ref.shape
-    g = jax.random.normal(kg, y.shape)
-    for got, want in zip((y, *vjp(g)), (y_ref, *vjp_ref(g)), strict=True):
+    for a, want in zip(got, (y_ref, *vjp_ref(g)), strict=True):
         scale = float(jnp.max(jnp.abs(want)))
-        np.testing.assert_allclose(got, want, atol=2e-6 * scale, rtol=0)
+        np.testing.assert_allclose(a, want, atol=2e-6 * scale, rtol=0)
+    again = jax.vjp(ours, x, kernel)[1](g)
+    for a, b in zip(got[1:], again, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_conv_under_vmap_and_second_call_reuses_primitives():
