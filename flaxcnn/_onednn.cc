@@ -328,23 +328,24 @@ void RunSplit(ffi::ThreadPool* pool, int parts, int pass, float* src, float* wei
   if (c->reordered) reorder(out[0], m_plain);
 }
 
-// How many parts a call's batch is split into over XLA's pool (1: oneDNN's own threads). Not
-// where the weights outnumber the input's values (ResNet-18's 256- and 512-channel layers on 6x6
-// and 3x3 maps): each part's primitive would then reorder, and the kernel gradient sum, more
-// data than it convolves, on one thread (those layers ran 1.1-1.6x slower split).
 std::atomic<int64_t> split_calls{0};  // FlaxcnnOnednnSplitCalls
 
+// How many parts a call's batch is split into over XLA's pool (1: oneDNN's own threads). Not
+// where the weights outnumber the input's values (ResNet-18's 256- and 512-channel layers on 6x6
+// and 3x3 maps): there one thread's reorder of the weights, and the sum of the parts' kernel
+// gradients, cost more than the split gains (those layers ran 1.1-1.6x slower split).
 int Parts(ffi::ThreadPool* pool, ffi::Span<const int64_t> src_d,
           ffi::Span<const int64_t> weights_d) {
   if (pool == nullptr || !kCanRunOnOneThread) return 1;
-  int64_t n = src_d[0], threads = pool->num_threads();
-  if (threads < 2 || n < 2) return 1;
-  int parts = static_cast<int>(std::min(threads, n));
-  int64_t src_count = n * src_d[1] * src_d[2] * src_d[3];
-  int64_t weights_count = weights_d[0] * weights_d[1] * weights_d[2] * weights_d[3];
-  // equal parts only: every part then shares one primitive and one weights layout
-  if (n % parts != 0 || weights_count > src_count) return 1;
-  return parts;
+  const int64_t n = src_d[0];
+  const int64_t src_count = n * src_d[1] * src_d[2] * src_d[3];
+  const int64_t weights_count = weights_d[0] * weights_d[1] * weights_d[2] * weights_d[3];
+  if (weights_count > src_count) return 1;
+  // Equal parts only, so that every part shares one primitive and one weights layout: the most
+  // that divide the batch, up to one per thread (a batch of 32 on 12 threads: 8 parts of 4).
+  int64_t parts = std::min<int64_t>(pool->num_threads(), n);
+  while (parts > 1 && n % parts != 0) --parts;
+  return static_cast<int>(std::max<int64_t>(parts, 1));
 }
 
 ffi::Error Run(ffi::ThreadPool* pool, int pass, float* src, float* weights, float* dst,

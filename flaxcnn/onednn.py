@@ -111,8 +111,9 @@ XLA_POOL = True
 
 def split_calls() -> int:
     """How many convolution calls of this process have split their batch over XLA's thread pool
-    (`XLA_POOL`); calls with an odd batch, and layers with more weights than input values, run
-    on oneDNN's own threads instead (`_onednn.cc`). For tests and diagnostics."""
+    (`XLA_POOL`); calls whose batch has no divisor from 2 up to the pool's thread count (an odd
+    batch on two threads), and layers with more weights than input values, run on oneDNN's own
+    threads instead (`_onednn.cc`). For tests and diagnostics."""
     if not available():
         return 0
     fn = _library.lib.FlaxcnnOnednnSplitCalls
