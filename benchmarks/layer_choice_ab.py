@@ -44,6 +44,8 @@ ARMS = {
     "onednn-prefix": {},
     # oneDNN's calls on its own (OpenMP) threads, not split over XLA's pool (onednn.XLA_POOL)
     "onednn-openmp": {},
+    # GoogLeNet's Inception blocks on XLA's convolutions in inference too (before 2026-12-01)
+    "xla-opt-outs-inference": {"_ONEDNN_INFERENCE_IN_OPT_OUTS": False},
 }
 _PREFIX = "FLAXCNN_AB_ONEDNN_PREFIX"  # --onednn-prefix, for the children of that arm
 

@@ -164,6 +164,26 @@ def _conv_bwd(strides, padding, res, g):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_for_inference(x, kernel, strides, padding, differentiable):
+    """`conv` where it is not differentiated (inference); where it is, `differentiable(x,
+    kernel)`, forward and backward, exactly as if called directly: for layers that another
+    convolution trains faster but oneDNN runs faster alone (GoogLeNet's Inception blocks;
+    flaxcnn.models.layers chooses)."""
+    return conv(x, kernel, strides, padding)
+
+
+def _conv_for_inference_fwd(x, kernel, strides, padding, differentiable):
+    return jax.vjp(differentiable, x, kernel)  # (its output, its backward pass: a pytree)
+
+
+def _conv_for_inference_bwd(strides, padding, differentiable, vjp, g):
+    return vjp(g)
+
+
+conv_for_inference.defvjp(_conv_for_inference_fwd, _conv_for_inference_bwd)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_xla_forward(x, kernel, strides, padding):
     """`conv` whose forward pass is XLA's convolution and whose gradients are oneDNN's: where

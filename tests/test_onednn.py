@@ -123,20 +123,34 @@ def test_models_take_onednn_on_cpu_only():
         assert "flaxcnn_onednn" not in text[p]
 
 
-def test_googlenet_keeps_xla_convolutions_in_its_inception_blocks():
-    """GoogLeNet on a CPU: oneDNN for the stem and the two layers after it, XLA's convolutions
-    for the 57 in its nine Inception blocks (`layers.Conv(onednn=False)`; the evidence in
-    benchmarks/xla_cpu_study.md)."""
+def test_googlenet_trains_its_inception_blocks_on_xla_and_infers_them_on_onednn(monkeypatch):
+    """GoogLeNet on a CPU: in training, oneDNN for the stem and the two layers after it, XLA's
+    convolutions for the 54 in its nine Inception blocks (`layers.Conv(onednn=False)`); in
+    inference, oneDNN for all 57 (`onednn.conv_for_inference`), with the logits of XLA's
+    (the evidence for both in benchmarks/xla_cpu_study.md)."""
     from flaxcnn import models
+    from flaxcnn.models import layers
 
     model = models.create("googlenet")
-    variables = jax.jit(partial(model.init, train=False))(jax.random.key(0),
-                                                          jnp.zeros((1, 96, 96, 1)))
+    x = jax.random.uniform(jax.random.key(1), (2, 96, 96, 1))
+    variables = jax.jit(partial(model.init, train=False))(jax.random.key(0), x)
     grad = jax.jit(jax.grad(lambda p, x: model.apply({"params": p}, x, train=True).sum()))
-    hlo = grad.lower(variables["params"], jnp.zeros((2, 96, 96, 1))).compile().as_text()
+    hlo = grad.lower(variables["params"], x).compile().as_text()
     for t, count in zip(onednn.TARGETS, (3, 2, 3), strict=True):
         assert hlo.count(f'custom_call_target="{t}"') == count, t
     assert "convolution(" in hlo
+
+    def infer():
+        f = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        return f(variables, x), f.lower(variables, x).compile().as_text()
+
+    logits, hlo = infer()
+    assert hlo.count('custom_call_target="flaxcnn_onednn_conv_forward"') == 57
+    assert "convolution(" not in hlo
+    monkeypatch.setattr(layers, "_ONEDNN_INFERENCE_IN_OPT_OUTS", False)
+    want, hlo = infer()
+    assert hlo.count('custom_call_target="flaxcnn_onednn_conv_forward"') == 3
+    np.testing.assert_allclose(logits, want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
 def test_one_channel_first_layers():

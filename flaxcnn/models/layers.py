@@ -39,10 +39,11 @@ def torch_bias_init(fan_in: int):
 class Conv(nn.Module):
     """`nn.Conv2d(in, features, kernel_size, stride=strides, padding=padding)` on NHWC input.
 
-    `onednn=False` keeps XLA's convolution on a CPU where oneDNN's would otherwise run
-    (GoogLeNet's Inception branches, which XLA runs concurrently: there XLA's own convolutions
-    trained faster, 1.10x against oneDNN's calls on their own OpenMP teams, and still 1.02x
-    since the calls run on XLA's pool; benchmarks/xla_cpu_study.md)."""
+    `onednn=False` keeps XLA's convolution on a CPU where oneDNN's would otherwise run, in
+    training (GoogLeNet's Inception branches, which XLA runs concurrently: there XLA's own
+    convolutions trained faster, 1.10x against oneDNN's calls on their own OpenMP teams, and
+    still 1.02x since the calls run on XLA's pool). Where the layer is not differentiated,
+    oneDNN's runs (inference 1.02-1.07x faster; benchmarks/xla_cpu_study.md)."""
 
     features: int
     kernel_size: int
@@ -85,6 +86,9 @@ _ONEDNN = True
 _ONEDNN_MIN_SIDE = 1
 _ONEDNN_STEMS = True
 _ONEDNN_OPT_OUTS = True
+# _ONEDNN_INFERENCE_IN_OPT_OUTS: `Conv(onednn=False)` layers take oneDNN's convolution where they
+# are not differentiated (GoogLeNet's inference 1.02-1.07x, paired; its training keeps XLA's).
+_ONEDNN_INFERENCE_IN_OPT_OUTS = True
 
 
 # Stride-1 layers with at least _XLA_FORWARD_MIN_FEATURES outputs on maps of at most
@@ -116,11 +120,24 @@ def _cpu_convolution(x, k: int, strides: int, padding: int, use_onednn: bool = T
     onednn.py; the evidence in benchmarks/xla_cpu_study.md), or None for XLA's own."""
     if x.dtype != jnp.float32:
         return None
-    c, side = x.shape[-1], min(x.shape[1:3])
     # (only where the CPU is JAX's default backend: elsewhere the CPU branch is never lowered,
     # and building the library there would be wasted)
-    dnnl = (side >= _ONEDNN_MIN_SIDE and _ONEDNN and (use_onednn or not _ONEDNN_OPT_OUTS)
+    here = (min(x.shape[1:3]) >= _ONEDNN_MIN_SIDE and _ONEDNN
             and jax.default_backend() == "cpu" and onednn.available())
+    dnnl = here and (use_onednn or not _ONEDNN_OPT_OUTS)
+    chosen = _cpu_choice(x, k, strides, padding, dnnl, features)
+    if here and not dnnl and _ONEDNN_INFERENCE_IN_OPT_OUTS and x.shape[-1] > 1:
+        # an opt-out layer: its choice when differentiated, oneDNN's convolution when not
+        train = chosen or partial(ops.conv_nhwc, strides=strides, padding=padding)
+        (sh, sw), (ph, pw) = ops._pairs(strides), ops._pairs(padding)
+        return partial(onednn.conv_for_inference, strides=(sh, sw),
+                       padding=((ph, ph), (pw, pw)), differentiable=train)
+    return chosen
+
+
+def _cpu_choice(x, k, strides, padding, dnnl, features):
+    """`_cpu_convolution`'s choice for one layer, `dnnl`: whether oneDNN may take it."""
+    c, side = x.shape[-1], min(x.shape[1:3])
     if c == 1 and k <= 5 and strides == 1:  # LeNet's and VGG's first layers: one input channel
         if features is not None and features < _ONE_CHANNEL_MIN_FEATURES and dnnl:
             return partial(_onednn_conv, strides=strides, padding=padding)  # LeNet's
