@@ -30,6 +30,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -164,6 +165,7 @@ void TakeParts(Work* w) {
 }
 
 void ParallelFor(ffi::ThreadPool* pool, int parts, std::function<void(int)> fn) {
+  if (parts == 1) return fn(0);  // (pool may be null)
   auto w = std::make_shared<Work>();  // a helper may start after this returns: it takes nothing
   w->parts = parts;
   w->fn = std::move(fn);
@@ -253,17 +255,19 @@ std::array<int64_t, 4> Nchw(ffi::Span<const int64_t> d) { return {d[0], d[3], d[
 std::array<int64_t, 4> Oihw(ffi::Span<const int64_t> d) { return {d[3], d[2], d[0], d[1]}; }
 
 // The call as `parts` equal slices of the batch (NHWC: contiguous), one per participant of
-// ParallelFor, each by a primitive created for one thread. The weights are reordered once, by
-// the caller; the kernel gradient is the sum of the parts' own, added in part order whichever
-// thread ran which part (deterministic).
-void RunSplit(ffi::ThreadPool* pool, int parts, int pass, float* src, float* weights, float* dst,
-              ffi::Span<const int64_t> src_d, ffi::Span<const int64_t> weights_d,
-              ffi::Span<const int64_t> dst_d, const std::array<int64_t, 6>& geometry) {
+// ParallelFor, each by a primitive created for one thread; one part: the whole batch, by a
+// primitive on oneDNN's own threads. The weights are reordered once, by the caller; the kernel
+// gradient is the sum of the parts' own, added in part order whichever thread ran which part
+// (deterministic).
+void Execute(ffi::ThreadPool* pool, int parts, int pass, float* src, float* weights, float* dst,
+             ffi::Span<const int64_t> src_d, ffi::Span<const int64_t> weights_d,
+             ffi::Span<const int64_t> dst_d, const std::array<int64_t, 6>& geometry) {
+  const bool one_thread = parts > 1;
   auto sd = Nchw(src_d), dd = Nchw(dst_d);
   sd[0] = dd[0] = src_d[0] / parts;
-  std::shared_ptr<Conv> c;
-  OneThread one;  // the weights' reorders below, and the primitives' creation
-  c = GetConv(Key{pass, sd, Oihw(weights_d), dd, geometry, true});
+  std::optional<OneThread> one;  // the weights' reorders below, and the primitives' creation
+  if (one_thread) one.emplace();
+  auto c = GetConv(Key{pass, sd, Oihw(weights_d), dd, geometry, one_thread});
   const int64_t src_step = sd[0] * sd[1] * sd[2] * sd[3], dst_step = dd[0] * dd[1] * dd[2] * dd[3];
   auto& eng = Engine();
   memory m_plain(c->plain_weights, eng, weights);
@@ -276,7 +280,8 @@ void RunSplit(ffi::ThreadPool* pool, int parts, int pass, float* src, float* wei
     stream.wait();
   };
   auto run_part = [&](int p, memory& m_weights) {
-    OneThread one_here;
+    std::optional<OneThread> one_here;
+    if (one_thread) one_here.emplace();
     dnnl::stream stream(eng);
     memory m_src(c->src, eng, src + p * src_step), m_dst(c->dst, eng, dst + p * dst_step);
     memory m_scratch(c->scratchpad, eng, scratchpad_buffer.Get(c->scratchpad.get_size()));
@@ -357,48 +362,9 @@ ffi::Error Run(ffi::ThreadPool* pool, int pass, float* src, float* weights, floa
   }
   try {
     int parts = Parts(pool, src_d, weights_d);
-    if (parts > 1) {
-      split_calls.fetch_add(1, std::memory_order_relaxed);
-      RunSplit(pool, parts, pass, src, weights, dst, src_d, weights_d, dst_d,
-               {sh, sw, pt, pb, pl, pr});
-      return ffi::Error::Success();
-    }
-    Key key{pass, Nchw(src_d), Oihw(weights_d), Nchw(dst_d), {sh, sw, pt, pb, pl, pr}};
-    auto c = GetConv(key);
-    auto& eng = Engine();
-    dnnl::stream stream(eng);
-    memory m_src(c->src, eng, src), m_dst(c->dst, eng, dst);
-    memory m_plain(c->plain_weights, eng, weights);
-    memory m_weights = c->reordered
-                           ? memory(c->weights, eng, weights_buffer.Get(c->weights.get_size()))
-                           : m_plain;
-    memory m_scratch(c->scratchpad, eng, scratchpad_buffer.Get(c->scratchpad.get_size()));
-    auto reorder = [&](memory& from, memory& to) {
-      memory m(c->reorder_scratchpad, eng,
-               reorder_scratchpad_buffer.Get(c->reorder_scratchpad.get_size()));
-      c->weights_reorder.execute(
-          stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}, {DNNL_ARG_SCRATCHPAD, m}});
-    };
-    if (pass == kForward) {
-      if (c->reordered) reorder(m_plain, m_weights);
-      c->primitive.execute(stream, {{DNNL_ARG_SRC, m_src},
-                                    {DNNL_ARG_WEIGHTS, m_weights},
-                                    {DNNL_ARG_DST, m_dst},
-                                    {DNNL_ARG_SCRATCHPAD, m_scratch}});
-    } else if (pass == kBackwardData) {
-      if (c->reordered) reorder(m_plain, m_weights);
-      c->primitive.execute(stream, {{DNNL_ARG_DIFF_DST, m_dst},
-                                    {DNNL_ARG_WEIGHTS, m_weights},
-                                    {DNNL_ARG_DIFF_SRC, m_src},
-                                    {DNNL_ARG_SCRATCHPAD, m_scratch}});
-    } else {
-      c->primitive.execute(stream, {{DNNL_ARG_SRC, m_src},
-                                    {DNNL_ARG_DIFF_DST, m_dst},
-                                    {DNNL_ARG_DIFF_WEIGHTS, m_weights},
-                                    {DNNL_ARG_SCRATCHPAD, m_scratch}});
-      if (c->reordered) reorder(m_weights, m_plain);
-    }
-    stream.wait();
+    if (parts > 1) split_calls.fetch_add(1, std::memory_order_relaxed);
+    Execute(pool, parts, pass, src, weights, dst, src_d, weights_d, dst_d,
+            {sh, sw, pt, pb, pl, pr});
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("flaxcnn oneDNN convolution: ") + e.what());
   } catch (const std::bad_alloc&) {
