@@ -10,6 +10,7 @@ model is built:
     python benchmarks/layer_choice_ab.py --networks resnet18 --arms default onednn-forward --eval
     python benchmarks/layer_choice_ab.py --arms default onednn-prefix --onednn-prefix /opt/dnnl
     python benchmarks/layer_choice_ab.py --networks lenet_bn densenet --arms default onednn-openmp
+    python benchmarks/layer_choice_ab.py --networks nin --arms default relu-after --eval
 
 `--eval` times the eval-mode forward pass (`training.eval_step`) instead of the training step.
 """
@@ -46,6 +47,9 @@ ARMS = {
     "onednn-openmp": {},
     # GoogLeNet's Inception blocks on XLA's convolutions in inference too (before 2026-12-01)
     "xla-opt-outs-inference": {"_ONEDNN_INFERENCE_IN_OPT_OUTS": False},
+    # each Conv's bias and ReLU added by XLA after oneDNN's convolution, not inside it (before
+    # 2026-12-01; onednn.conv_relu)
+    "relu-after": {"_ONEDNN_RELU": False},
 }
 _PREFIX = "FLAXCNN_AB_ONEDNN_PREFIX"  # --onednn-prefix, for the children of that arm
 

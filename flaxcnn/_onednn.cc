@@ -4,11 +4,12 @@
 // jaxlib's XLA:CPU runs convolutions through Eigen, 1.2-1.7x slower than oneDNN on these
 // networks' layers, and computes kernel gradients on transposed copies of both operands. oneDNN
 // reads the NHWC activations and HWIO kernels in place; only the kernel is reordered into its
-// blocked layout (and the kernel gradient back). float32 only; the bias stays in JAX.
+// blocked layout (and the kernel gradient back). float32 only.
 //
-// Three handlers, one per pass: y = conv(x, w); dx = conv_backward_data(dy, w);
-// dw = conv_backward_weights(x, dy). Attributes: strides, padding (top, bottom, left, right) and
-// `xla_pool`. Primitives are created once per shape and kept (primitive creation JIT-compiles
+// Four handlers: y = conv(x, w); y = relu(conv(x, w) + b), the bias and ReLU applied as oneDNN
+// writes the output (post-ops: one pass over the output fewer than XLA adding them after);
+// dx = conv_backward_data(dy, w); dw = conv_backward_weights(x, dy). Attributes: strides, padding
+// (top, bottom, left, right) and `xla_pool`. Primitives are created once per shape and kept (primitive creation JIT-compiles
 // kernels).
 //
 // Threads: with `xla_pool` (flaxcnn's default) a call splits its batch over XLA's own intra-op
@@ -55,6 +56,8 @@ dnnl::engine& Engine() {
 }
 
 enum Pass { kForward = 0, kBackwardData = 1, kBackwardWeights = 2 };
+// What a forward pass applies as it writes its output.
+enum Post { kNone = 0, kBiasRelu = 1 };
 
 // Shapes in oneDNN's logical order: src (N, C, H, W), weights (O, I, KH, KW), dst (N, O, OH, OW).
 struct Key {
@@ -62,14 +65,16 @@ struct Key {
   std::array<int64_t, 4> src, weights, dst;
   std::array<int64_t, 6> geometry;  // stride h, w; pad top, bottom, left, right
   bool one_thread = false;          // created for (and run on) one thread
+  int post = kNone;
   bool operator<(const Key& o) const {
-    return std::tie(pass, src, weights, dst, geometry, one_thread) <
-           std::tie(o.pass, o.src, o.weights, o.dst, o.geometry, o.one_thread);
+    return std::tie(pass, src, weights, dst, geometry, one_thread, post) <
+           std::tie(o.pass, o.src, o.weights, o.dst, o.geometry, o.one_thread, o.post);
   }
 };
 
 struct Conv {
   memory::desc src, dst, plain_weights, weights;  // weights: the primitive's own layout
+  memory::desc bias;                              // kBiasRelu: (O)
   memory::desc scratchpad, reorder_scratchpad;
   dnnl::primitive primitive;
   dnnl::reorder weights_reorder;  // plain -> primitive's layout, or back for kBackwardWeights
@@ -188,6 +193,29 @@ std::shared_ptr<Conv> MakeConv(const Key& k) {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto algo = dnnl::algorithm::convolution_direct;
+  if (k.post == kBiasRelu) {
+    c->bias = memory::desc({k.weights[0]}, memory::data_type::f32, tag::x);
+    dnnl::primitive_attr fused;  // (a copy of `attr` would share its handle)
+    fused.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    dnnl::post_ops ops;
+#if DNNL_VERSION_MAJOR >= 3
+    ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    fused.set_post_ops(ops);
+    dnnl::convolution_forward::primitive_desc pd(eng, dnnl::prop_kind::forward_inference, algo,
+                                                 c->src, any, c->bias, c->dst, strides, pad_l,
+                                                 pad_r, fused);
+#else
+    ops.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    fused.set_post_ops(ops);
+    dnnl::convolution_forward::primitive_desc pd(
+        dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, algo, c->src, any,
+                                        c->bias, c->dst, strides, pad_l, pad_r),
+        fused, eng);
+#endif
+    c->weights = pd.weights_desc();
+    c->scratchpad = pd.scratchpad_desc();
+    c->primitive = dnnl::convolution_forward(pd);
+  }
 #if DNNL_VERSION_MAJOR >= 3  // oneDNN 3 dropped the operation descriptors
   dnnl::convolution_forward::primitive_desc fwd(eng, dnnl::prop_kind::forward_training, algo,
                                                 c->src, any, c->dst, strides, pad_l, pad_r,
@@ -198,7 +226,9 @@ std::shared_ptr<Conv> MakeConv(const Key& k) {
                                       c->dst, strides, pad_l, pad_r),
       attr, eng);
 #endif
-  if (k.pass == kForward) {
+  if (k.post != kNone) {
+    // made above
+  } else if (k.pass == kForward) {
     c->weights = fwd.weights_desc();
     c->scratchpad = fwd.scratchpad_desc();
     c->primitive = dnnl::convolution_forward(fwd);
@@ -261,13 +291,14 @@ std::array<int64_t, 4> Oihw(ffi::Span<const int64_t> d) { return {d[3], d[2], d[
 // (deterministic).
 void Execute(ffi::ThreadPool* pool, int parts, int pass, float* src, float* weights, float* dst,
              ffi::Span<const int64_t> src_d, ffi::Span<const int64_t> weights_d,
-             ffi::Span<const int64_t> dst_d, const std::array<int64_t, 6>& geometry) {
+             ffi::Span<const int64_t> dst_d, const std::array<int64_t, 6>& geometry,
+             float* bias, int post) {
   const bool one_thread = parts > 1;
   auto sd = Nchw(src_d), dd = Nchw(dst_d);
   sd[0] = dd[0] = src_d[0] / parts;
   std::optional<OneThread> one;  // the weights' reorders below, and the primitives' creation
   if (one_thread) one.emplace();
-  auto c = GetConv(Key{pass, sd, Oihw(weights_d), dd, geometry, one_thread});
+  auto c = GetConv(Key{pass, sd, Oihw(weights_d), dd, geometry, one_thread, post});
   const int64_t src_step = sd[0] * sd[1] * sd[2] * sd[3], dst_step = dd[0] * dd[1] * dd[2] * dd[3];
   auto& eng = Engine();
   memory m_plain(c->plain_weights, eng, weights);
@@ -285,7 +316,14 @@ void Execute(ffi::ThreadPool* pool, int parts, int pass, float* src, float* weig
     dnnl::stream stream(eng);
     memory m_src(c->src, eng, src + p * src_step), m_dst(c->dst, eng, dst + p * dst_step);
     memory m_scratch(c->scratchpad, eng, scratchpad_buffer.Get(c->scratchpad.get_size()));
-    if (pass == kForward) {
+    if (post != kNone) {
+      memory m_bias(c->bias, eng, bias);
+      c->primitive.execute(stream, {{DNNL_ARG_SRC, m_src},
+                                    {DNNL_ARG_WEIGHTS, m_weights},
+                                    {DNNL_ARG_BIAS, m_bias},
+                                    {DNNL_ARG_DST, m_dst},
+                                    {DNNL_ARG_SCRATCHPAD, m_scratch}});
+    } else if (pass == kForward) {
       c->primitive.execute(stream, {{DNNL_ARG_SRC, m_src},
                                     {DNNL_ARG_WEIGHTS, m_weights},
                                     {DNNL_ARG_DST, m_dst},
@@ -356,7 +394,7 @@ int Parts(ffi::ThreadPool* pool, ffi::Span<const int64_t> src_d,
 ffi::Error Run(ffi::ThreadPool* pool, int pass, float* src, float* weights, float* dst,
                ffi::Span<const int64_t> src_d, ffi::Span<const int64_t> weights_d,
                ffi::Span<const int64_t> dst_d, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
-               int64_t pl, int64_t pr) {
+               int64_t pl, int64_t pr, float* bias = nullptr, int post = kNone) {
   if (src_d.size() != 4 || weights_d.size() != 4 || dst_d.size() != 4) {
     return ffi::Error::InvalidArgument("flaxcnn oneDNN convolution: operands must be 4-D");
   }
@@ -364,7 +402,7 @@ ffi::Error Run(ffi::ThreadPool* pool, int pass, float* src, float* weights, floa
     int parts = Parts(pool, src_d, weights_d);
     if (parts > 1) split_calls.fetch_add(1, std::memory_order_relaxed);
     Execute(pool, parts, pass, src, weights, dst, src_d, weights_d, dst_d,
-            {sh, sw, pt, pb, pl, pr});
+            {sh, sw, pt, pb, pl, pr}, bias, post);
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("flaxcnn oneDNN convolution: ") + e.what());
   } catch (const std::bad_alloc&) {
@@ -387,6 +425,20 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
              x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
 }
 
+ffi::Error ForwardBiasRelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                           ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
+                           int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                           int64_t xla_pool) {
+  if (b.dimensions().size() != 1 || w.dimensions().size() != 4 ||
+      b.dimensions()[0] != w.dimensions()[3]) {
+    return ffi::Error::InvalidArgument(
+        "flaxcnn oneDNN convolution: the bias must have one value per output channel");
+  }
+  return Run(Pool(pool, xla_pool), kForward, x.typed_data(), w.typed_data(), y->typed_data(),
+             x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr,
+             b.typed_data(), kBiasRelu);
+}
+
 ffi::Error BackwardData(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                         ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
                         int64_t pb, int64_t pl, int64_t pr, int64_t xla_pool) {
@@ -404,19 +456,33 @@ ffi::Error BackwardWeights(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
              pl, pr);
 }
 
-auto Binding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Ret<ffi::Buffer<ffi::F32>>()
-      .Attr<int64_t>("sh")
-      .Attr<int64_t>("sw")
-      .Attr<int64_t>("pt")
-      .Attr<int64_t>("pb")
-      .Attr<int64_t>("pl")
-      .Attr<int64_t>("pr")
-      .Attr<int64_t>("xla_pool");
+// The result and the geometry's attributes, after a binding's arguments.
+template <typename B>
+auto WithGeometry(B args) {
+  return std::move(args)
+      .template Ret<ffi::Buffer<ffi::F32>>()
+      .template Attr<int64_t>("sh")
+      .template Attr<int64_t>("sw")
+      .template Attr<int64_t>("pt")
+      .template Attr<int64_t>("pb")
+      .template Attr<int64_t>("pl")
+      .template Attr<int64_t>("pr")
+      .template Attr<int64_t>("xla_pool");
+}
+
+auto Binding() {  // (x, w) -> y; (dy, w) -> dx; (x, dy) -> dw
+  return WithGeometry(ffi::Ffi::Bind()
+                          .Ctx<ffi::ThreadPool>()
+                          .Arg<ffi::Buffer<ffi::F32>>()
+                          .Arg<ffi::Buffer<ffi::F32>>());
+}
+
+auto BiasBinding() {  // (x, w, b) -> y
+  return WithGeometry(ffi::Ffi::Bind()
+                          .Ctx<ffi::ThreadPool>()
+                          .Arg<ffi::Buffer<ffi::F32>>()
+                          .Arg<ffi::Buffer<ffi::F32>>()
+                          .Arg<ffi::Buffer<ffi::F32>>());
 }
 
 }  // namespace
@@ -427,5 +493,6 @@ extern "C" __attribute__((visibility("default"))) int64_t FlaxcnnOnednnSplitCall
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnConvForward, Forward, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnConvForwardBiasRelu, ForwardBiasRelu, BiasBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnConvBackwardData, BackwardData, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnConvBackwardWeights, BackwardWeights, Binding());

@@ -4,8 +4,9 @@ jaxlib's XLA:CPU computes convolutions with Eigen kernels, 1.2-1.7x slower than 
 networks' layers, and its kernel gradients read transposed copies of both operands
 (benchmarks/xla_cpu_study.md). This module compiles `_onednn.cc` against the system's oneDNN
 (Debian: `apt-get install libdnnl-dev`) once per machine (native.py), into
-`~/.cache/flaxcnn/onednn` (or `$FLAXCNN_CACHE_DIR/onednn`), loads it and registers three CPU
-custom calls; `conv` is a differentiable convolution built on them.
+`~/.cache/flaxcnn/onednn` (or `$FLAXCNN_CACHE_DIR/onednn`), loads it and registers four CPU
+custom calls; `conv` is a differentiable convolution built on them, `conv_relu` the same with
+its bias and ReLU applied inside oneDNN's forward pass.
 
 `FLAXCNN_ONEDNN_PREFIX` names another oneDNN installation (its `include/` and `lib/`, e.g. one
 built from source) to compile and link against instead of the system's.
@@ -35,6 +36,7 @@ PREFIX_ENV = "FLAXCNN_ONEDNN_PREFIX"
 SOURCE = Path(__file__).with_name("_onednn.cc")
 TARGETS = {  # custom-call target -> handler symbol in _onednn.cc
     "flaxcnn_onednn_conv_forward": "FlaxcnnConvForward",
+    "flaxcnn_onednn_conv_forward_bias_relu": "FlaxcnnConvForwardBiasRelu",
     "flaxcnn_onednn_conv_backward_data": "FlaxcnnConvBackwardData",
     "flaxcnn_onednn_conv_backward_weights": "FlaxcnnConvBackwardWeights",
 }
@@ -127,10 +129,10 @@ def _attrs(strides, padding):
                                             xla_pool=XLA_POOL).items()}
 
 
-def _call(target, shape, a, b, strides, padding):
+def _call(target, shape, *operands, strides, padding):
     out = jax.ShapeDtypeStruct(shape, jnp.float32)
     return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
-        a, b, **_attrs(strides, padding))
+        *operands, **_attrs(strides, padding))
 
 
 def _out_shape(x_shape, k_shape, strides, padding):
@@ -147,7 +149,8 @@ def conv(x, kernel, strides, padding):
     if not available():
         raise RuntimeError(f"flaxcnn's oneDNN convolutions are not available: {reason()}")
     return _call("flaxcnn_onednn_conv_forward",
-                 _out_shape(x.shape, kernel.shape, strides, padding), x, kernel, strides, padding)
+                 _out_shape(x.shape, kernel.shape, strides, padding), x, kernel,
+                 strides=strides, padding=padding)
 
 
 def _conv_fwd(x, kernel, strides, padding):
@@ -156,32 +159,78 @@ def _conv_fwd(x, kernel, strides, padding):
 
 def _conv_bwd(strides, padding, res, g):
     x, kernel = res
-    dx = _call("flaxcnn_onednn_conv_backward_data", x.shape, g, kernel, strides, padding)
-    dk = _call("flaxcnn_onednn_conv_backward_weights", kernel.shape, x, g, strides, padding)
+    dx = _call("flaxcnn_onednn_conv_backward_data", x.shape, g, kernel,
+               strides=strides, padding=padding)
+    dk = _call("flaxcnn_onednn_conv_backward_weights", kernel.shape, x, g,
+               strides=strides, padding=padding)
     return dx, dk
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def conv_relu(x, kernel, bias, strides, padding):
+    """`relu(conv(x, kernel, strides, padding) + bias)`, the bias and ReLU applied by oneDNN as it
+    writes the convolution's output (post-ops), where XLA would read and write the output once
+    more. The backward pass masks the gradient where the output is 0 (ReLU's derivative at 0 is
+    0, as `jax.nn.relu`'s) and takes `conv`'s two gradients."""
+    if not available():
+        raise RuntimeError(f"flaxcnn's oneDNN convolutions are not available: {reason()}")
+    if bias.shape != kernel.shape[-1:]:
+        raise ValueError(f"conv_relu: bias of shape {bias.shape} for a kernel of shape "
+                         f"{kernel.shape} (one value per output channel)")
+    return _call("flaxcnn_onednn_conv_forward_bias_relu",
+                 _out_shape(x.shape, kernel.shape, strides, padding), x, kernel, bias,
+                 strides=strides, padding=padding)
+
+
+def _conv_relu_fwd(x, kernel, bias, strides, padding):
+    y = conv_relu(x, kernel, bias, strides, padding)
+    return y, (x, kernel, y)
+
+
+def _conv_relu_bwd(strides, padding, res, g):
+    x, kernel, y = res
+    g = jnp.where(y > 0, g, 0).astype(g.dtype)
+    return *_conv_bwd(strides, padding, (x, kernel), g), g.sum((0, 1, 2))
+
+
+conv_relu.defvjp(_conv_relu_fwd, _conv_relu_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _for_inference(fast, differentiable, *operands):
+    """`fast(*operands)` where it is not differentiated; where it is, `differentiable(*operands)`,
+    forward and backward, exactly as if called directly."""
+    return fast(*operands)
+
+
+def _for_inference_fwd(fast, differentiable, *operands):
+    return jax.vjp(differentiable, *operands)  # (its output, its backward pass: a pytree)
+
+
+def _for_inference_bwd(fast, differentiable, vjp, g):
+    return vjp(g)
+
+
+_for_inference.defvjp(_for_inference_fwd, _for_inference_bwd)
+
+
 def conv_for_inference(x, kernel, strides, padding, differentiable):
     """`conv` where it is not differentiated (inference); where it is, `differentiable(x,
     kernel)`, forward and backward, exactly as if called directly: for layers that another
     convolution trains faster but oneDNN runs faster alone (GoogLeNet's Inception blocks;
     flaxcnn.models.layers chooses)."""
-    return conv(x, kernel, strides, padding)
+    return _for_inference(partial(conv, strides=strides, padding=padding), differentiable,
+                          x, kernel)
 
 
-def _conv_for_inference_fwd(x, kernel, strides, padding, differentiable):
-    return jax.vjp(differentiable, x, kernel)  # (its output, its backward pass: a pytree)
-
-
-def _conv_for_inference_bwd(strides, padding, differentiable, vjp, g):
-    return vjp(g)
-
-
-conv_for_inference.defvjp(_conv_for_inference_fwd, _conv_for_inference_bwd)
+def conv_relu_for_inference(x, kernel, bias, strides, padding, differentiable):
+    """`conv_relu` where it is not differentiated, `differentiable(x, kernel, bias)` where it is
+    (as `conv_for_inference`)."""
+    return _for_inference(partial(conv_relu, strides=strides, padding=padding), differentiable,
+                          x, kernel, bias)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -79,6 +79,34 @@ def test_conv_and_gradients_equal_xla(case, xla_pool, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("xla_pool", [True, False], ids=["xla-pool", "openmp"])
+@pytest.mark.parametrize("case", range(len(GEOMETRIES)), ids=lambda i: str(GEOMETRIES[i]))
+def test_conv_relu_and_gradients_equal_xla(case, xla_pool, monkeypatch):
+    """`conv_relu` (the bias and ReLU as oneDNN's post-ops) against XLA's convolution, bias and
+    ReLU: output and the three gradients within float32 rounding, split or not."""
+    monkeypatch.setattr(onednn, "XLA_POOL", xla_pool)
+    n, h, w, c, o, k, strides, padding = GEOMETRIES[case]
+    kx, kk, kb, kg = jax.random.split(jax.random.key(case), 4)
+    x = jax.random.normal(kx, (n, h, w, c))
+    kernel = jax.random.normal(kk, (*k, c, o))
+    bias = jax.random.normal(kb, (o,))
+    ours = jax.jit(partial(onednn.conv_relu, strides=strides, padding=padding))
+    y, vjp = jax.vjp(ours, x, kernel, bias)
+    got = (y, *vjp(g := jax.random.normal(kg, y.shape)))
+    y_ref, vjp_ref = jax.vjp(lambda x, k, b: jax.nn.relu(xla_conv(x, k, strides, padding) + b),
+                             x, kernel, bias)
+    assert 0 < float(jnp.mean(y_ref == 0)) < 1  # both sides of the ReLU are exercised
+    for a, want in zip(got, (y_ref, *vjp_ref(g)), strict=True):
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(a, want, atol=2e-6 * scale, rtol=0)
+
+
+def test_conv_relu_checks_its_bias():
+    x, kernel = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 4))
+    with pytest.raises(ValueError, match="one value per output channel"):
+        onednn.conv_relu(x, kernel, jnp.ones(3), (1, 1), ((1, 1), (1, 1)))
+
+
 def test_conv_under_vmap_and_second_call_reuses_primitives():
     """vmap maps the custom calls one slice at a time; a second shape compiles its own
     primitives and the first keeps working."""
@@ -116,8 +144,9 @@ def test_models_take_onednn_on_cpu_only():
     # the three stride-1 512 -> 512 layers, on 1x1 maps at this side, forward by XLA
     # (layers._XLA_FORWARD_MAX_SIDE) and differentiate by oneDNN
     assert text["cpu"].count("stablehlo.convolution") == 3
-    for t, count in zip(onednn.TARGETS, (17, 19, 20), strict=True):
-        assert text["cpu"].count(f"custom_call @{t}(") == count
+    counts = {"forward": 17, "forward_bias_relu": 0, "backward_data": 19, "backward_weights": 20}
+    for t, count in counts.items():
+        assert text["cpu"].count(f"custom_call @flaxcnn_onednn_conv_{t}(") == count, t
     for p in ("cuda", "tpu"):
         assert text[p].count("stablehlo.convolution") == 20 + 19 + 20
         assert "flaxcnn_onednn" not in text[p]
@@ -126,8 +155,9 @@ def test_models_take_onednn_on_cpu_only():
 def test_googlenet_trains_its_inception_blocks_on_xla_and_infers_them_on_onednn(monkeypatch):
     """GoogLeNet on a CPU: in training, oneDNN for the stem and the two layers after it, XLA's
     convolutions for the 54 in its nine Inception blocks (`layers.Conv(onednn=False)`); in
-    inference, oneDNN for all 57 (`onednn.conv_for_inference`), with the logits of XLA's
-    (the evidence for both in benchmarks/xla_cpu_study.md)."""
+    inference, oneDNN for all 57 (`onednn.conv_relu_for_inference`), with the logits of XLA's
+    (the evidence for both in benchmarks/xla_cpu_study.md). Every layer is followed by a ReLU,
+    which oneDNN applies wherever it runs the forward pass."""
     from flaxcnn import models
     from flaxcnn.models import layers
 
@@ -136,20 +166,22 @@ def test_googlenet_trains_its_inception_blocks_on_xla_and_infers_them_on_onednn(
     variables = jax.jit(partial(model.init, train=False))(jax.random.key(0), x)
     grad = jax.jit(jax.grad(lambda p, x: model.apply({"params": p}, x, train=True).sum()))
     hlo = grad.lower(variables["params"], x).compile().as_text()
-    for t, count in zip(onednn.TARGETS, (3, 2, 3), strict=True):
-        assert hlo.count(f'custom_call_target="{t}"') == count, t
+    counts = {"forward": 0, "forward_bias_relu": 3, "backward_data": 2, "backward_weights": 3}
+    for t, count in counts.items():
+        assert hlo.count(f'custom_call_target="flaxcnn_onednn_conv_{t}"') == count, t
     assert "convolution(" in hlo
 
     def infer():
         f = jax.jit(lambda v, x: model.apply(v, x, train=False))
         return f(variables, x), f.lower(variables, x).compile().as_text()
 
+    fused = 'custom_call_target="flaxcnn_onednn_conv_forward_bias_relu"'
     logits, hlo = infer()
-    assert hlo.count('custom_call_target="flaxcnn_onednn_conv_forward"') == 57
+    assert hlo.count(fused) == 57
     assert "convolution(" not in hlo
     monkeypatch.setattr(layers, "_ONEDNN_INFERENCE_IN_OPT_OUTS", False)
     want, hlo = infer()
-    assert hlo.count('custom_call_target="flaxcnn_onednn_conv_forward"') == 3
+    assert hlo.count(fused) == 3
     np.testing.assert_allclose(logits, want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
@@ -158,15 +190,14 @@ def test_one_channel_first_layers():
     multiply-adds (`layers._ONE_CHANNEL_MIN_FEATURES`)."""
     from flaxcnn import models
 
-    target = 'custom_call_target="flaxcnn_onednn_conv_forward"'
-    # LeNet: both of its 2 layers; VGG: 7 of its 8, not the first
+    # LeNet: both of its 2 layers; VGG: 7 of its 8, not the first (with their ReLUs)
     for name, side, expected in (("lenet_bn", 28, 2), ("vgg", 224, 7)):
         model = models.create(name)
         variables = jax.jit(partial(model.init, train=False))(
             jax.random.key(0), jnp.zeros((1, side, side, 1)))
         hlo = jax.jit(partial(model.apply, train=False)).lower(
             variables, jnp.zeros((2, side, side, 1))).compile().as_text()
-        assert hlo.count(target) == expected, name
+        assert hlo.count('custom_call_target="flaxcnn_onednn_conv_forward') == expected, name
 
 
 def test_xla_forward_with_onednn_gradients():
@@ -322,8 +353,8 @@ def test_concurrent_convolutions_in_inception_blocks():
     init = jax.jit(lambda: training.create_train_state(model, jax.random.key(0), 24,
                                                        training.sgd(0.1)))
     hlo = step.lower(init(), x, y).compile().as_text()
-    # six per block (the one-channel first layer is ops.conv_one_channel)
-    assert hlo.count("custom_call_target=\"flaxcnn_onednn_conv_forward\"") == 2 * 6
+    # six per block (the one-channel first layer is ops.conv_one_channel), with their ReLUs
+    assert hlo.count("custom_call_target=\"flaxcnn_onednn_conv_forward_bias_relu\"") == 2 * 6
 
     def losses():
         state, out = init(), []
@@ -335,3 +366,41 @@ def test_concurrent_convolutions_in_inception_blocks():
     first = losses()
     assert losses() == first
     assert np.all(np.isfinite(first)) and first[-1] < first[0], first
+
+
+def test_conv_then_relu_runs_as_one_call(monkeypatch):
+    """`layers.Sequential` and `run_layers` run a `Conv` followed by `nn.relu` as one oneDNN call
+    (NiN's 12 layers, AlexNet's 5), with the parameter paths of `nn.Sequential` and, within
+    float32 rounding, the logits and gradients of the layers run one by one. While
+    intermediates are recorded (`models.summary`), each layer runs, and is recorded, alone."""
+    from flaxcnn import models
+
+    fused = 'custom_call_target="flaxcnn_onednn_conv_forward_bias_relu"'
+    for name, side, calls in (("nin", 67, 12), ("alexnet", 65, 5)):
+        model = models.create(name)
+        x = jax.random.uniform(jax.random.key(1), (2, side, side, 1))
+        variables = jax.jit(partial(model.init, train=False))(jax.random.key(0), x)
+        if name == "nin":
+            assert set(variables["params"]["Sequential_0"]) == {"layers_0", "layers_2",
+                                                               "layers_4"}
+
+        def run(model, variables, x):
+            infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
+            grad = jax.jit(jax.grad(lambda p, x: model.apply({"params": p}, x).sum()))
+            return (infer(variables, x), grad(variables["params"], x),
+                    infer.lower(variables, x).compile().as_text())
+
+        logits, grads, hlo = run(model, variables, x)
+        assert hlo.count(fused) == calls, name
+        monkeypatch.setattr(layers, "_ONEDNN_RELU", False)
+        want, want_grads, hlo = run(model, variables, x)
+        monkeypatch.setattr(layers, "_ONEDNN_RELU", True)
+        assert fused not in hlo
+        for a, b in zip(jax.tree.leaves((logits, grads)), jax.tree.leaves((want, want_grads)),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+
+    _, recorded = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"])
+                          )(variables, x)
+    first = recorded["intermediates"]["00:Conv2d:Conv_0"][0]  # AlexNet's, before its ReLU
+    assert float(first.min()) < 0

@@ -10,16 +10,16 @@ from flaxcnn.models.alexnet import AlexNet
 from flaxcnn.models.batch_norm import BatchNorm, LeNet, batch_norm
 from flaxcnn.models.densenet import DenseBlock, DenseNet, conv_block, transition_block
 from flaxcnn.models.googlenet import GoogLeNet, Inception
-from flaxcnn.models.layers import BatchNorm2d, Conv, Dense
+from flaxcnn.models.layers import BatchNorm2d, Conv, Dense, Sequential
 from flaxcnn.models.nin import NiN, nin_block
 from flaxcnn.models.resnet import Residual, ResNet18, resnet_block
 from flaxcnn.models.vgg import VGG, conv_arch, small_conv_arch, vgg_block
 
 __all__ = [
     "AlexNet", "BatchNorm", "BatchNorm2d", "Conv", "Dense", "DenseBlock", "DenseNet", "GoogLeNet",
-    "Inception", "LeNet", "NiN", "ResNet18", "Residual", "VGG", "batch_norm", "conv_arch",
-    "conv_block", "create", "names", "nin_block", "resnet_block", "small_conv_arch", "summary",
-    "transition_block", "vgg_block",
+    "Inception", "LeNet", "NiN", "ResNet18", "Residual", "Sequential", "VGG", "batch_norm",
+    "conv_arch", "conv_block", "create", "names", "nin_block", "resnet_block", "small_conv_arch",
+    "summary", "transition_block", "vgg_block",
 ]
 
 _NETWORKS = {

@@ -10,6 +10,7 @@ from flaxcnn.models.layers import (
     Dense,
     Dtype,
     ModuleDef,
+    Sequential,
     check_input,
     flatten,
     run_layers,
@@ -34,16 +35,16 @@ class Inception(nn.Module):
     def __call__(self, x):
         conv = self.conv
         # Path 1: a single 1x1 convolution.
-        p1 = nn.relu(conv(self.c1, 1, name="p1_1")(x))
+        p1 = conv(self.c1, 1, name="p1_1")(x, relu=True)
         # Path 2: 1x1 convolution, then 3x3 convolution.
-        p2 = nn.relu(conv(self.c2[0], 1, name="p2_1")(x))
-        p2 = nn.relu(conv(self.c2[1], 3, padding=1, name="p2_2")(p2))
+        p2 = conv(self.c2[0], 1, name="p2_1")(x, relu=True)
+        p2 = conv(self.c2[1], 3, padding=1, name="p2_2")(p2, relu=True)
         # Path 3: 1x1 convolution, then 5x5 convolution.
-        p3 = nn.relu(conv(self.c3[0], 1, name="p3_1")(x))
-        p3 = nn.relu(conv(self.c3[1], 5, padding=2, name="p3_2")(p3))
+        p3 = conv(self.c3[0], 1, name="p3_1")(x, relu=True)
+        p3 = conv(self.c3[1], 5, padding=2, name="p3_2")(p3, relu=True)
         # Path 4: 3x3 max-pool, then 1x1 convolution.
         p4 = max_pool(x, kernel_size=3, strides=1, padding=1)
-        p4 = nn.relu(conv(self.c4, 1, name="p4_2")(p4))
+        p4 = conv(self.c4, 1, name="p4_2")(p4, relu=True)
         return jnp.concatenate((p1, p2, p3, p4), axis=-1)
 
 
@@ -61,8 +62,8 @@ class GoogLeNet(nn.Module):
         inception = partial(Inception, conv=partial(Conv, dtype=self.dtype, onednn=False),
                             parent=None)
         pool = partial(max_pool, kernel_size=3, strides=2, padding=1)
-        b1 = nn.Sequential([conv(64, 7, strides=2, padding=3), nn.relu, pool])
-        b2 = nn.Sequential([
+        b1 = Sequential([conv(64, 7, strides=2, padding=3), nn.relu, pool])
+        b2 = Sequential([
             conv(64, 1), nn.relu,
             conv(192, 3, padding=1), nn.relu,
             pool,

@@ -54,7 +54,9 @@ class Conv(nn.Module):
     onednn: bool = True
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, relu: bool = False):
+        """`relu=True`: `nn.relu` of the output, in one call; where oneDNN runs the layer, it
+        applies the bias and ReLU as it writes the output (`onednn.conv_relu`)."""
         k, p = self.kernel_size, self.padding
         fan_in = x.shape[-1] * k * k
         kernel = self.param("kernel", xavier_uniform, (k, k, x.shape[-1], self.features))
@@ -62,11 +64,36 @@ class Conv(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         conv = partial(ops.conv_nhwc, strides=self.strides, padding=p, precision=self.precision)
         cpu_conv = _cpu_convolution(x, k, self.strides, p, self.onednn, self.features)
+        fused = relu and _cpu_conv_relu(cpu_conv)
+        # Chosen when the step is compiled: other platforms keep XLA's convolution.
+        if fused:
+            return jax.lax.platform_dependent(
+                x, kernel, bias, cpu=fused, default=lambda x, k, b: nn.relu(conv(x, k) + b))
         if cpu_conv is not None:
-            # Chosen when the step is compiled: other platforms keep XLA's convolution.
-            y = jax.lax.platform_dependent(x, kernel, cpu=cpu_conv, default=conv)
-            return y + bias
-        return conv(x, kernel) + bias
+            y = jax.lax.platform_dependent(x, kernel, cpu=cpu_conv, default=conv) + bias
+        else:
+            y = conv(x, kernel) + bias
+        return nn.relu(y) if relu else y
+
+
+def _conv_then_relu(layer, following) -> bool:
+    return isinstance(layer, Conv) and following in (nn.relu, jax.nn.relu)
+
+
+class Sequential(nn.Sequential):
+    """`nn.Sequential` (the same name, so the same parameter paths), except that a `Conv`
+    followed by `nn.relu` runs as one call, `conv(x, relu=True)`: on a CPU, oneDNN then applies
+    the bias and ReLU as it writes the convolution's output (NiN's, VGG's and AlexNet's blocks;
+    benchmarks/xla_cpu_study.md)."""
+
+    def __call__(self, x):
+        layers, i = self.layers, 0
+        while i < len(layers):
+            if i + 1 < len(layers) and _conv_then_relu(layers[i], layers[i + 1]):
+                x, i = layers[i](x, relu=True), i + 2
+            else:
+                x, i = layers[i](x), i + 1
+        return x
 
 
 # 1x1 convolutions on maps of at least this many positions take `ops.conv_1x1`: NiN's (54x54,
@@ -89,6 +116,9 @@ _ONEDNN_OPT_OUTS = True
 # _ONEDNN_INFERENCE_IN_OPT_OUTS: `Conv(onednn=False)` layers take oneDNN's convolution where they
 # are not differentiated (GoogLeNet's inference 1.02-1.07x, paired; its training keeps XLA's).
 _ONEDNN_INFERENCE_IN_OPT_OUTS = True
+# _ONEDNN_RELU: `Conv(...)(x, relu=True)` on oneDNN's convolution applies the bias and ReLU
+# inside it (`onednn.conv_relu`); False: XLA adds them after, as for `relu=False`.
+_ONEDNN_RELU = True
 
 
 # Stride-1 layers with at least _XLA_FORWARD_MIN_FEATURES outputs on maps of at most
@@ -106,12 +136,32 @@ _XLA_FORWARD_MIN_FEATURES = 512
 _ONE_CHANNEL_MIN_FEATURES = 16
 
 
-def _onednn_conv(x, kernel, strides, padding):
-    (sh, sw), (ph, pw) = ops._pairs(strides), ops._pairs(padding)
-    if (min(x.shape[1:3]) <= _XLA_FORWARD_MAX_SIDE and (sh, sw) == (1, 1)
+def _onednn_conv(x, kernel, bias=None, *, strides, padding):
+    """oneDNN's convolution; given `bias`, relu(convolution + bias)."""
+    st = ops._pairs(strides)
+    pd = tuple((p, p) for p in ops._pairs(padding))
+    if (min(x.shape[1:3]) <= _XLA_FORWARD_MAX_SIDE and st == (1, 1)
             and kernel.shape[-1] >= _XLA_FORWARD_MIN_FEATURES):
-        return onednn.conv_xla_forward(x, kernel, (sh, sw), ((ph, ph), (pw, pw)))
-    return onednn.conv(x, kernel, (sh, sw), ((ph, ph), (pw, pw)))
+        y = onednn.conv_xla_forward(x, kernel, st, pd)
+        return y if bias is None else jax.nn.relu(y + bias)
+    if bias is None:
+        return onednn.conv(x, kernel, st, pd)
+    return onednn.conv_relu(x, kernel, bias, st, pd)
+
+
+def _cpu_conv_relu(cpu_conv):
+    """(x, kernel, bias) -> relu(convolution + bias) in one oneDNN call, for a layer whose CPU
+    choice (`_cpu_convolution`'s) is oneDNN's convolution (an opt-out layer's: where it is not
+    differentiated); else None."""
+    func = getattr(cpu_conv, "func", None)
+    if not _ONEDNN_RELU or func not in (_onednn_conv, onednn.conv_for_inference):
+        return None
+    if func is _onednn_conv:
+        return cpu_conv
+    kw = cpu_conv.keywords
+    train = kw["differentiable"]
+    return partial(onednn.conv_relu_for_inference, strides=kw["strides"],
+                   padding=kw["padding"], differentiable=lambda x, k, b: nn.relu(train(x, k) + b))
 
 
 def _cpu_convolution(x, k: int, strides: int, padding: int, use_onednn: bool = True,
@@ -236,13 +286,21 @@ def check_input(x, min_side: int, network: str):
 
 
 def run_layers(module: nn.Module, layers: Sequence[tuple[str, Callable]], x):
-    """Applies `layers` in order, as the book's `nn.Sequential` does.
+    """Applies `layers` in order, as the book's `nn.Sequential` does (and as `Sequential`, a
+    `Conv` followed by `nn.relu` in one call).
 
     Each output is sown into `intermediates` under `NN:BookName:module_name`, so that `summary`
-    can print the book's `for layer in net: print(layer.__class__.__name__, X.shape)`.
+    can print the book's `for layer in net: print(layer.__class__.__name__, X.shape)`; while
+    they are recorded, every layer runs on its own.
     """
-    for i, (book_name, layer) in enumerate(layers):
+    record, i = module.is_mutable_collection("intermediates"), 0
+    while i < len(layers):
+        book_name, layer = layers[i]
+        if not record and i + 1 < len(layers) and _conv_then_relu(layer, layers[i + 1][1]):
+            x, i = layer(x, relu=True), i + 2
+            continue
         x = layer(x)
         owner = layer.name if isinstance(layer, nn.Module) else ""
         module.sow("intermediates", f"{i:02d}:{book_name}:{owner}", x)
+        i += 1
     return x

@@ -5,14 +5,14 @@ from functools import partial
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flaxcnn.models.layers import Conv, Dtype, check_input, flatten, run_layers
+from flaxcnn.models.layers import Conv, Dtype, Sequential, check_input, flatten, run_layers
 from flaxcnn.ops import global_avg_pool, max_pool
 
 
 def nin_block(out_channels: int, kernel_size: int, strides: int, padding: int, conv=Conv):
     """A convolution followed by two 1x1 convolutions: per-pixel fully connected layers."""
     conv = partial(conv, parent=None)
-    return nn.Sequential([
+    return Sequential([
         conv(out_channels, kernel_size, strides=strides, padding=padding), nn.relu,
         conv(out_channels, 1), nn.relu,
         conv(out_channels, 1), nn.relu,

@@ -5,7 +5,15 @@ from functools import partial
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flaxcnn.models.layers import Conv, Dense, Dtype, check_input, flatten, run_layers
+from flaxcnn.models.layers import (
+    Conv,
+    Dense,
+    Dtype,
+    Sequential,
+    check_input,
+    flatten,
+    run_layers,
+)
 from flaxcnn.ops import max_pool
 
 # VGG-11: (number of convolutions, output channels) per block.
@@ -19,7 +27,7 @@ def vgg_block(num_convs: int, out_channels: int, conv=Conv):
     for _ in range(num_convs):
         layers += [conv(out_channels, 3, padding=1), nn.relu]
     layers.append(partial(max_pool, kernel_size=2, strides=2))
-    return nn.Sequential(layers)
+    return Sequential(layers)
 
 
 class VGG(nn.Module):
