@@ -7,9 +7,10 @@
 // blocked layout (and the kernel gradient back). float32 only.
 //
 // Four handlers: y = conv(x, w); y = relu(conv(x, w) + b), the bias and ReLU applied as oneDNN
-// writes the output (post-ops: one pass over the output fewer than XLA adding them after);
-// dx = conv_backward_data(dy, w); dw = conv_backward_weights(x, dy). Attributes: strides, padding
-// (top, bottom, left, right) and `xla_pool`. Primitives are created once per shape and kept (primitive creation JIT-compiles
+// writes the output (post-ops: one pass over the output fewer than XLA adding them after; a NaN
+// before the ReLU comes out 0, see ForwardBiasRelu); dx = conv_backward_data(dy, w);
+// dw = conv_backward_weights(x, dy). Attributes: strides, padding (top, bottom, left, right) and
+// `xla_pool`. Primitives are created once per shape and kept (primitive creation JIT-compiles
 // kernels).
 //
 // Threads: with `xla_pool` (flaxcnn's default) a call splits its batch over XLA's own intra-op
@@ -25,6 +26,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <new>
@@ -180,6 +182,43 @@ void ParallelFor(ffi::ThreadPool* pool, int parts, std::function<void(int)> fn) 
   if (!w->error.empty()) throw std::runtime_error(w->error);
 }
 
+// The forward pass's descriptor (for the backward passes: their hint), with weights `any`; with
+// `bias_relu`, the bias and a ReLU post-op.
+dnnl::convolution_forward::primitive_desc ForwardDesc(const Conv& c, const memory::desc& any,
+                                                      const memory::dims& strides,
+                                                      const memory::dims& pad_l,
+                                                      const memory::dims& pad_r, bool bias_relu) {
+  using fwd = dnnl::convolution_forward;
+  auto& eng = Engine();
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto algo = dnnl::algorithm::convolution_direct;
+  auto prop = bias_relu ? dnnl::prop_kind::forward_inference : dnnl::prop_kind::forward_training;
+  if (bias_relu) {
+    dnnl::post_ops ops;
+#if DNNL_VERSION_MAJOR >= 3
+    ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+#else
+    ops.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+#endif
+    attr.set_post_ops(ops);
+  }
+#if DNNL_VERSION_MAJOR >= 3  // oneDNN 3 dropped the operation descriptors
+  if (bias_relu) {
+    return fwd::primitive_desc(eng, prop, algo, c.src, any, c.bias, c.dst, strides, pad_l, pad_r,
+                               attr);
+  }
+  return fwd::primitive_desc(eng, prop, algo, c.src, any, c.dst, strides, pad_l, pad_r, attr);
+#else
+  if (bias_relu) {
+    return fwd::primitive_desc(
+        fwd::desc(prop, algo, c.src, any, c.bias, c.dst, strides, pad_l, pad_r), attr, eng);
+  }
+  return fwd::primitive_desc(fwd::desc(prop, algo, c.src, any, c.dst, strides, pad_l, pad_r),
+                             attr, eng);
+#endif
+}
+
 std::shared_ptr<Conv> MakeConv(const Key& k) {
   auto dims = [](const std::array<int64_t, 4>& a) { return memory::dims(a.begin(), a.end()); };
   auto c = std::make_shared<Conv>();
@@ -193,42 +232,9 @@ std::shared_ptr<Conv> MakeConv(const Key& k) {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto algo = dnnl::algorithm::convolution_direct;
-  if (k.post == kBiasRelu) {
-    c->bias = memory::desc({k.weights[0]}, memory::data_type::f32, tag::x);
-    dnnl::primitive_attr fused;  // (a copy of `attr` would share its handle)
-    fused.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    dnnl::post_ops ops;
-#if DNNL_VERSION_MAJOR >= 3
-    ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
-    fused.set_post_ops(ops);
-    dnnl::convolution_forward::primitive_desc pd(eng, dnnl::prop_kind::forward_inference, algo,
-                                                 c->src, any, c->bias, c->dst, strides, pad_l,
-                                                 pad_r, fused);
-#else
-    ops.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
-    fused.set_post_ops(ops);
-    dnnl::convolution_forward::primitive_desc pd(
-        dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, algo, c->src, any,
-                                        c->bias, c->dst, strides, pad_l, pad_r),
-        fused, eng);
-#endif
-    c->weights = pd.weights_desc();
-    c->scratchpad = pd.scratchpad_desc();
-    c->primitive = dnnl::convolution_forward(pd);
-  }
-#if DNNL_VERSION_MAJOR >= 3  // oneDNN 3 dropped the operation descriptors
-  dnnl::convolution_forward::primitive_desc fwd(eng, dnnl::prop_kind::forward_training, algo,
-                                                c->src, any, c->dst, strides, pad_l, pad_r,
-                                                attr);
-#else
-  dnnl::convolution_forward::primitive_desc fwd(
-      dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, algo, c->src, any,
-                                      c->dst, strides, pad_l, pad_r),
-      attr, eng);
-#endif
-  if (k.post != kNone) {
-    // made above
-  } else if (k.pass == kForward) {
+  if (k.post == kBiasRelu) c->bias = memory::desc({k.weights[0]}, memory::data_type::f32, tag::x);
+  auto fwd = ForwardDesc(*c, any, strides, pad_l, pad_r, k.post == kBiasRelu);
+  if (k.pass == kForward) {
     c->weights = fwd.weights_desc();
     c->scratchpad = fwd.scratchpad_desc();
     c->primitive = dnnl::convolution_forward(fwd);
@@ -425,18 +431,48 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
              x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
 }
 
+// Whether none of the n floats is Inf or NaN (all exponent bits set).
+bool AllFinite(const float* p, size_t n) {
+  uint32_t top = 0;
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, p + i, sizeof bits);
+    top = std::max(top, bits & 0x7f800000u);
+  }
+  return top != 0x7f800000u;
+}
+
 ffi::Error ForwardBiasRelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                            ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
                            int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-                           int64_t xla_pool) {
+                           int64_t xla_pool, int64_t check_finite) {
   if (b.dimensions().size() != 1 || w.dimensions().size() != 4 ||
       b.dimensions()[0] != w.dimensions()[3]) {
     return ffi::Error::InvalidArgument(
         "flaxcnn oneDNN convolution: the bias must have one value per output channel");
   }
-  return Run(Pool(pool, xla_pool), kForward, x.typed_data(), w.typed_data(), y->typed_data(),
-             x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr,
-             b.typed_data(), kBiasRelu);
+  float* bias = b.typed_data();
+  const int64_t channels = b.dimensions()[0];
+  if (!check_finite ||
+      (AllFinite(w.typed_data(), w.element_count()) && AllFinite(bias, channels))) {
+    return Run(Pool(pool, xla_pool), kForward, x.typed_data(), w.typed_data(), y->typed_data(),
+               x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr, bias,
+               kBiasRelu);
+  }
+  // oneDNN's ReLU turns NaN into 0, where jax.nn.relu (and PyTorch's) keeps it. With
+  // `check_finite` (training) and an Inf or NaN among the parameters (a diverged layer), the
+  // plain convolution, then the bias and a ReLU that keeps NaN, so that the divergence reaches
+  // the loss as it did unfused.
+  ffi::Error error =
+      Run(Pool(pool, xla_pool), kForward, x.typed_data(), w.typed_data(), y->typed_data(),
+          x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
+  if (error.failure()) return error;
+  float* out = y->typed_data();
+  for (size_t i = 0, n = y->element_count(); i < n; ++i) {
+    const float v = out[i] + bias[i % channels];
+    out[i] = (v > 0.f || v != v) ? v : 0.f;
+  }
+  return ffi::Error::Success();
 }
 
 ffi::Error BackwardData(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
@@ -482,7 +518,8 @@ auto BiasBinding() {  // (x, w, b) -> y
                           .Ctx<ffi::ThreadPool>()
                           .Arg<ffi::Buffer<ffi::F32>>()
                           .Arg<ffi::Buffer<ffi::F32>>()
-                          .Arg<ffi::Buffer<ffi::F32>>());
+                          .Arg<ffi::Buffer<ffi::F32>>())
+      .Attr<int64_t>("check_finite");
 }
 
 }  // namespace

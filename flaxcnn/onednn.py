@@ -123,16 +123,16 @@ def split_calls() -> int:
     return fn()
 
 
-def _attrs(strides, padding):
+def _attrs(strides, padding, **more):
     (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
     return {k: np.int64(v) for k, v in dict(sh=sh, sw=sw, pt=pt, pb=pb, pl=pl, pr=pr,
-                                            xla_pool=XLA_POOL).items()}
+                                            xla_pool=XLA_POOL, **more).items()}
 
 
-def _call(target, shape, *operands, strides, padding):
+def _call(target, shape, *operands, strides, padding, **more):
     out = jax.ShapeDtypeStruct(shape, jnp.float32)
     return jax.ffi.ffi_call(target, out, vmap_method="sequential")(
-        *operands, **_attrs(strides, padding))
+        *operands, **_attrs(strides, padding, **more))
 
 
 def _out_shape(x_shape, k_shape, strides, padding):
@@ -169,12 +169,7 @@ def _conv_bwd(strides, padding, res, g):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def conv_relu(x, kernel, bias, strides, padding):
-    """`relu(conv(x, kernel, strides, padding) + bias)`, the bias and ReLU applied by oneDNN as it
-    writes the convolution's output (post-ops), where XLA would read and write the output once
-    more. The backward pass masks the gradient where the output is 0 (ReLU's derivative at 0 is
-    0, as `jax.nn.relu`'s) and takes `conv`'s two gradients."""
+def _conv_relu(x, kernel, bias, strides, padding, check_finite):
     if not available():
         raise RuntimeError(f"flaxcnn's oneDNN convolutions are not available: {reason()}")
     if bias.shape != kernel.shape[-1:]:
@@ -182,11 +177,26 @@ def conv_relu(x, kernel, bias, strides, padding):
                          f"{kernel.shape} (one value per output channel)")
     return _call("flaxcnn_onednn_conv_forward_bias_relu",
                  _out_shape(x.shape, kernel.shape, strides, padding), x, kernel, bias,
-                 strides=strides, padding=padding)
+                 strides=strides, padding=padding, check_finite=check_finite)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def conv_relu(x, kernel, bias, strides, padding):
+    """`relu(conv(x, kernel, strides, padding) + bias)`, the bias and ReLU applied by oneDNN as it
+    writes the convolution's output (post-ops), where XLA would read and write the output once
+    more. The backward pass masks the gradient where the output is 0 (ReLU's derivative at 0 is
+    0, as `jax.nn.relu`'s) and takes `conv`'s two gradients.
+
+    One difference: oneDNN's ReLU gives 0 for NaN, where `jax.nn.relu` keeps NaN. So that a
+    diverged layer still shows in the loss, the differentiated forward pass first checks the
+    kernel and bias and, if either holds an Inf or NaN, adds the bias and applies a ReLU that
+    keeps NaN itself (`_onednn.cc`). A NaN from the input still comes out 0, as it does in
+    inference (no check there: scanning the weights costs about 1 ms in 8 MB)."""
+    return _conv_relu(x, kernel, bias, strides, padding, check_finite=False)
 
 
 def _conv_relu_fwd(x, kernel, bias, strides, padding):
-    y = conv_relu(x, kernel, bias, strides, padding)
+    y = _conv_relu(x, kernel, bias, strides, padding, check_finite=True)
     return y, (x, kernel, y)
 
 

@@ -91,14 +91,72 @@ def test_conv_relu_and_gradients_equal_xla(case, xla_pool, monkeypatch):
     kernel = jax.random.normal(kk, (*k, c, o))
     bias = jax.random.normal(kb, (o,))
     ours = jax.jit(partial(onednn.conv_relu, strides=strides, padding=padding))
+    before = onednn.split_calls()
     y, vjp = jax.vjp(ours, x, kernel, bias)
-    got = (y, *vjp(g := jax.random.normal(kg, y.shape)))
+    got = jax.block_until_ready((y, *vjp(g := jax.random.normal(kg, y.shape))))
+    threads = len(os.sched_getaffinity(0))
+    split = (xla_pool and kernel.size <= x.size
+             and any(n % d == 0 for d in range(2, min(threads, n) + 1)))
+    assert onednn.split_calls() - before == (3 if split else 0)
     y_ref, vjp_ref = jax.vjp(lambda x, k, b: jax.nn.relu(xla_conv(x, k, strides, padding) + b),
                              x, kernel, bias)
     assert 0 < float(jnp.mean(y_ref == 0)) < 1  # both sides of the ReLU are exercised
     for a, want in zip(got, (y_ref, *vjp_ref(g)), strict=True):
         scale = float(jnp.max(jnp.abs(want)))
         np.testing.assert_allclose(a, want, atol=2e-6 * scale, rtol=0)
+
+
+def test_conv_relu_keeps_nan_from_its_parameters_when_differentiated():
+    """oneDNN's ReLU gives 0 for NaN. Differentiated (training), an Inf or NaN in the kernel or
+    bias gives what XLA's ReLU after the convolution gives, NaN where it is, so a diverged layer
+    shows in the loss; in inference, and for a NaN in the input, the NaN comes out 0."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 4, 8))
+    bias = jnp.zeros(8)
+    ours = partial(onednn.conv_relu, strides=(1, 1), padding=((1, 1), (1, 1)))
+
+    def unfused(x, k, b):
+        return jax.nn.relu(onednn.conv(x, k, (1, 1), ((1, 1), (1, 1))) + b)
+
+    for k, b in ((kernel.at[0, 0, 0, 3].set(jnp.nan), bias), (kernel, bias.at[5].set(jnp.nan)),
+                 (kernel.at[1, 1, 2, 0].set(jnp.inf), bias), (kernel, bias.at[2].set(-jnp.inf))):
+        trained = jax.vjp(ours, x, k, b)[0]
+        np.testing.assert_array_equal(trained, unfused(x, k, b))  # NaN where unfused has NaN
+        assert not jnp.isnan(ours(x, k, b)).any()
+    assert jnp.isnan(unfused(x, kernel.at[0, 0, 0, 3].set(jnp.nan), bias)).any()
+    nan_input = x.at[0, 2, 2, 1].set(jnp.nan)
+    assert not jnp.isnan(jax.vjp(ours, nan_input, kernel, bias)[0]).any()
+    assert jnp.isnan(unfused(nan_input, kernel, bias)).any()
+
+
+def test_conv_relu_on_xla_forward_layers():
+    """A `Conv(relu=True)` layer whose forward pass is XLA's (`conv_xla_forward`: 512 outputs on
+    maps of 3x3 and less) adds the bias and ReLU after it, as `relu=False` and `nn.relu` do."""
+    x = jax.random.normal(jax.random.key(0), (2, 3, 3, 32))
+    conv = layers.Conv(512, 3, padding=1)
+    variables = conv.init(jax.random.key(1), x)
+    fused = jax.jit(lambda v, x: conv.apply(v, x, relu=True))
+    hlo = fused.lower(variables, x).compile().as_text()
+    assert "convolution(" in hlo and "flaxcnn_onednn_conv_forward" not in hlo
+    np.testing.assert_array_equal(fused(variables, x), nn.relu(conv.apply(variables, x)))
+    grad = jax.grad(lambda v, x, relu: jnp.sum(jnp.sin(
+        conv.apply(v, x, relu=True) if relu else nn.relu(conv.apply(v, x)))), argnums=(0, 1))
+    for a, b in zip(jax.tree.leaves(grad(variables, x, True)),
+                    jax.tree.leaves(grad(variables, x, False)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+
+
+def test_sequential_is_nn_sequential():
+    """`layers.Sequential` names, passes arguments and rejects an empty list as `nn.Sequential`
+    does, fusing only a `Conv` followed by `nn.relu`."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    parts = lambda: [layers.Conv(4, 3, padding=1), nn.relu, layers.Conv(5, 1), jnp.tanh]  # noqa: E731
+    ours, theirs = layers.Sequential(parts()), nn.Sequential(parts())
+    v = ours.init(jax.random.key(1), x)
+    assert jax.tree.structure(v) == jax.tree.structure(theirs.init(jax.random.key(1), x))
+    np.testing.assert_allclose(ours.apply(v, x), theirs.apply(v, x), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="Empty Sequential"):
+        layers.Sequential([]).init(jax.random.key(0), x)
 
 
 def test_conv_relu_checks_its_bias():

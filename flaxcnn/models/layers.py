@@ -86,14 +86,24 @@ class Sequential(nn.Sequential):
     the bias and ReLU as it writes the convolution's output (NiN's, VGG's and AlexNet's blocks;
     benchmarks/xla_cpu_study.md)."""
 
-    def __call__(self, x):
-        layers, i = self.layers, 0
+    @nn.compact
+    def __call__(self, *args, **kwargs):
+        if not self.layers:
+            raise ValueError(f"Empty Sequential module {self.name}.")
+        layers, i, out = self.layers, 0, None
         while i < len(layers):
-            if i + 1 < len(layers) and _conv_then_relu(layers[i], layers[i + 1]):
-                x, i = layers[i](x, relu=True), i + 2
+            fuse = i + 1 < len(layers) and _conv_then_relu(layers[i], layers[i + 1])
+            layer = partial(layers[i], relu=True) if fuse else layers[i]
+            if i == 0:
+                out = layer(*args, **kwargs)
+            elif isinstance(out, tuple):
+                out = layer(*out)
+            elif isinstance(out, dict):
+                out = layer(**out)
             else:
-                x, i = layers[i](x), i + 1
-        return x
+                out = layer(out)
+            i += 2 if fuse else 1
+        return out
 
 
 # 1x1 convolutions on maps of at least this many positions take `ops.conv_1x1`: NiN's (54x54,
