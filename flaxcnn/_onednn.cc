@@ -453,20 +453,17 @@ ffi::Error ForwardBiasRelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   }
   float* bias = b.typed_data();
   const int64_t channels = b.dimensions()[0];
-  if (!check_finite ||
-      (AllFinite(w.typed_data(), w.element_count()) && AllFinite(bias, channels))) {
-    return Run(Pool(pool, xla_pool), kForward, x.typed_data(), w.typed_data(), y->typed_data(),
-               x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr, bias,
-               kBiasRelu);
-  }
   // oneDNN's ReLU turns NaN into 0, where jax.nn.relu (and PyTorch's) keeps it. With
   // `check_finite` (training) and an Inf or NaN among the parameters (a diverged layer), the
   // plain convolution, then the bias and a ReLU that keeps NaN, so that the divergence reaches
   // the loss as it did unfused.
+  const bool fused = !check_finite || (AllFinite(w.typed_data(), w.element_count()) &&
+                                       AllFinite(bias, channels));
   ffi::Error error =
       Run(Pool(pool, xla_pool), kForward, x.typed_data(), w.typed_data(), y->typed_data(),
-          x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
-  if (error.failure()) return error;
+          x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr,
+          fused ? bias : nullptr, fused ? kBiasRelu : kNone);
+  if (fused || error.failure()) return error;
   float* out = y->typed_data();
   for (size_t i = 0, n = y->element_count(); i < n; ++i) {
     const float v = out[i] + bias[i % channels];

@@ -123,6 +123,11 @@ def split_calls() -> int:
     return fn()
 
 
+def _require():
+    if not available():
+        raise RuntimeError(f"flaxcnn's oneDNN convolutions are not available: {reason()}")
+
+
 def _attrs(strides, padding, **more):
     (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
     return {k: np.int64(v) for k, v in dict(sh=sh, sw=sw, pt=pt, pb=pb, pl=pl, pr=pr,
@@ -146,8 +151,7 @@ def conv(x, kernel, strides, padding):
     """`lax.conv_general_dilated(x, kernel, strides, padding, ("NHWC", "HWIO", "NHWC"))` for
     float32 on a CPU, by oneDNN, forward and backward. `strides` is (sh, sw), `padding`
     ((top, bottom), (left, right)). Raises RuntimeError where `available()` is False."""
-    if not available():
-        raise RuntimeError(f"flaxcnn's oneDNN convolutions are not available: {reason()}")
+    _require()
     return _call("flaxcnn_onednn_conv_forward",
                  _out_shape(x.shape, kernel.shape, strides, padding), x, kernel,
                  strides=strides, padding=padding)
@@ -170,8 +174,7 @@ conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def _conv_relu(x, kernel, bias, strides, padding, check_finite):
-    if not available():
-        raise RuntimeError(f"flaxcnn's oneDNN convolutions are not available: {reason()}")
+    _require()
     if bias.shape != kernel.shape[-1:]:
         raise ValueError(f"conv_relu: bias of shape {bias.shape} for a kernel of shape "
                          f"{kernel.shape} (one value per output channel)")

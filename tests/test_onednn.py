@@ -46,6 +46,13 @@ GEOMETRIES = [
 ]
 
 
+def _splits(x, kernel, xla_pool):
+    """Whether `_onednn.cc` splits this call over XLA's pool (one thread per core it may use)."""
+    n, threads = x.shape[0], len(os.sched_getaffinity(0))
+    return (xla_pool and kernel.size <= x.size
+            and any(n % d == 0 for d in range(2, min(threads, n) + 1)))
+
+
 @pytest.mark.parametrize("xla_pool", [True, False], ids=["xla-pool", "openmp"])
 @pytest.mark.parametrize("case", range(len(GEOMETRIES)), ids=lambda i: str(GEOMETRIES[i]))
 def test_conv_and_gradients_equal_xla(case, xla_pool, monkeypatch):
@@ -65,10 +72,7 @@ def test_conv_and_gradients_equal_xla(case, xla_pool, monkeypatch):
     before = onednn.split_calls()
     y, vjp = jax.vjp(ours, x, kernel)
     got = jax.block_until_ready((y, *vjp(g := jax.random.normal(kg, y.shape))))
-    threads = len(os.sched_getaffinity(0))  # XLA's pool: one thread per core it may use
-    split = (xla_pool and kernel.size <= x.size
-             and any(n % d == 0 for d in range(2, min(threads, n) + 1)))
-    assert onednn.split_calls() - before == (3 if split else 0)
+    assert onednn.split_calls() - before == (3 if _splits(x, kernel, xla_pool) else 0)
     y_ref, vjp_ref = jax.vjp(ref, x, kernel)
     assert y.shape == y_ref.shape
     for a, want in zip(got, (y_ref, *vjp_ref(g)), strict=True):
@@ -94,10 +98,7 @@ def test_conv_relu_and_gradients_equal_xla(case, xla_pool, monkeypatch):
     before = onednn.split_calls()
     y, vjp = jax.vjp(ours, x, kernel, bias)
     got = jax.block_until_ready((y, *vjp(g := jax.random.normal(kg, y.shape))))
-    threads = len(os.sched_getaffinity(0))
-    split = (xla_pool and kernel.size <= x.size
-             and any(n % d == 0 for d in range(2, min(threads, n) + 1)))
-    assert onednn.split_calls() - before == (3 if split else 0)
+    assert onednn.split_calls() - before == (3 if _splits(x, kernel, xla_pool) else 0)
     y_ref, vjp_ref = jax.vjp(lambda x, k, b: jax.nn.relu(xla_conv(x, k, strides, padding) + b),
                              x, kernel, bias)
     assert 0 < float(jnp.mean(y_ref == 0)) < 1  # both sides of the ReLU are exercised

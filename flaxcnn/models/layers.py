@@ -76,8 +76,18 @@ class Conv(nn.Module):
         return nn.relu(y) if relu else y
 
 
-def _conv_then_relu(layer, following) -> bool:
-    return isinstance(layer, Conv) and following in (nn.relu, jax.nn.relu)
+def _calls(layers, fuse: bool = True):
+    """(index, callable) for each step through `layers`: a `Conv` followed by `nn.relu` as one
+    `relu=True` call (where `fuse`), every other layer on its own."""
+    i = 0
+    while i < len(layers):
+        if (fuse and i + 1 < len(layers) and isinstance(layers[i], Conv)
+                and layers[i + 1] in (nn.relu, jax.nn.relu)):
+            yield i, partial(layers[i], relu=True)
+            i += 2
+        else:
+            yield i, layers[i]
+            i += 1
 
 
 class Sequential(nn.Sequential):
@@ -90,10 +100,8 @@ class Sequential(nn.Sequential):
     def __call__(self, *args, **kwargs):
         if not self.layers:
             raise ValueError(f"Empty Sequential module {self.name}.")
-        layers, i, out = self.layers, 0, None
-        while i < len(layers):
-            fuse = i + 1 < len(layers) and _conv_then_relu(layers[i], layers[i + 1])
-            layer = partial(layers[i], relu=True) if fuse else layers[i]
+        out = None
+        for i, layer in _calls(self.layers):
             if i == 0:
                 out = layer(*args, **kwargs)
             elif isinstance(out, tuple):
@@ -102,7 +110,6 @@ class Sequential(nn.Sequential):
                 out = layer(**out)
             else:
                 out = layer(out)
-            i += 2 if fuse else 1
         return out
 
 
@@ -146,17 +153,17 @@ _XLA_FORWARD_MIN_FEATURES = 512
 _ONE_CHANNEL_MIN_FEATURES = 16
 
 
-def _onednn_conv(x, kernel, bias=None, *, strides, padding):
-    """oneDNN's convolution; given `bias`, relu(convolution + bias)."""
+def _onednn_conv(x, kernel, relu_bias=None, *, strides, padding):
+    """oneDNN's convolution; given `relu_bias`, relu(convolution + relu_bias)."""
     st = ops._pairs(strides)
     pd = tuple((p, p) for p in ops._pairs(padding))
     if (min(x.shape[1:3]) <= _XLA_FORWARD_MAX_SIDE and st == (1, 1)
             and kernel.shape[-1] >= _XLA_FORWARD_MIN_FEATURES):
         y = onednn.conv_xla_forward(x, kernel, st, pd)
-        return y if bias is None else jax.nn.relu(y + bias)
-    if bias is None:
+        return y if relu_bias is None else jax.nn.relu(y + relu_bias)
+    if relu_bias is None:
         return onednn.conv(x, kernel, st, pd)
-    return onednn.conv_relu(x, kernel, bias, st, pd)
+    return onednn.conv_relu(x, kernel, relu_bias, st, pd)
 
 
 def _cpu_conv_relu(cpu_conv):
@@ -303,14 +310,11 @@ def run_layers(module: nn.Module, layers: Sequence[tuple[str, Callable]], x):
     can print the book's `for layer in net: print(layer.__class__.__name__, X.shape)`; while
     they are recorded, every layer runs on its own.
     """
-    record, i = module.is_mutable_collection("intermediates"), 0
-    while i < len(layers):
-        book_name, layer = layers[i]
-        if not record and i + 1 < len(layers) and _conv_then_relu(layer, layers[i + 1][1]):
-            x, i = layer(x, relu=True), i + 2
-            continue
-        x = layer(x)
-        owner = layer.name if isinstance(layer, nn.Module) else ""
-        module.sow("intermediates", f"{i:02d}:{book_name}:{owner}", x)
-        i += 1
+    record = module.is_mutable_collection("intermediates")
+    for i, call in _calls([layer for _, layer in layers], fuse=not record):
+        x = call(x)
+        if record:
+            book_name, layer = layers[i]
+            owner = layer.name if isinstance(layer, nn.Module) else ""
+            module.sow("intermediates", f"{i:02d}:{book_name}:{owner}", x)
     return x
