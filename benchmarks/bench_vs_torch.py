@@ -416,44 +416,46 @@ def memory_child(name, mode, batch, side, device, threads, dtype="float32"):
 
 # ----------------------------------------------------------------------------- one network
 
-def bench_network(name, args, device):
-    from flaxcnn import recipes
-
-    side = args.side or recipes.get(name).side
-    batch = args.batch or (recipes.get(name).batch_size if device == "gpu"
-                           else CPU_BATCH.get(name, CPU_BATCH_DEFAULT))
-    log(f"\n== {name} @{side}, batch {batch}, load {harness.load_average()}")
-    res = {"network": name, "side": side, "batch": batch}
-
-    workers = []
+def start_sides(name, batch, side, args, device):
+    """Builds the runners of one network: in this process (`--same-process`), else in a pair of
+    fresh workers, JAX in one and PyTorch's modes in the other. Returns the runners, the
+    workers to close, and what building them found."""
     if args.same_process:
-        x, y, res["data"], net = the_network(name, batch, side)
+        x, y, data, net = the_network(name, batch, side)
         sides, info, errors = build_sides("jax", name, side, net, x, y, device, args.dtype)
         more, tinfo, errors = build_sides("torch", name, side, net, x, y, device, args.dtype,
                                           args.torch_modes)
         sides.update(more)
-    else:
-        # Each framework in a process of its own, as its users run it: neither runs beside
-        # the other's allocator state, thread pools and caches (in one process both ran
-        # slower, by different and varying amounts; README).
-        common = [name, str(batch), str(side), "--device", device, "--threads",
-                  str(args.threads_used), "--dtype", args.dtype]
-        try:
-            workers.append(Worker(["--worker", "jax", *common]))
-            if args.torch_modes:
-                workers.append(Worker(["--worker", "torch", *common,
-                                       "--torch-modes", *args.torch_modes]))
-        except RuntimeError:
-            for w in workers:
-                w.close()
-            raise
-        info, errors, res["data"] = workers[0].hello["info"], {}, workers[0].hello["data"]
-        tinfo = {"compile_s": {}}
-        sides = {"jax": Remote(workers[0], "jax")}
-        if len(workers) > 1:
-            tinfo, errors = workers[1].hello["info"], workers[1].hello["errors"]
-            sides.update({m: Remote(workers[1], m) for m in workers[1].hello["modes"]})
-    jx = sides["jax"]
+        return sides, [], info, tinfo, errors, data
+    # Each framework in a process of its own, as its users run it: neither runs beside the
+    # other's allocator state, thread pools and caches (in one process both ran slower, by
+    # different and varying amounts; README).
+    common = [name, str(batch), str(side), "--device", device, "--threads",
+              str(args.threads_used), "--dtype", args.dtype]
+    workers = []
+    try:
+        workers.append(Worker(["--worker", "jax", *common]))
+        if args.torch_modes:
+            workers.append(Worker(["--worker", "torch", *common,
+                                   "--torch-modes", *args.torch_modes]))
+    except RuntimeError:
+        for w in workers:
+            w.close()
+        raise
+    info, data = workers[0].hello["info"], workers[0].hello["data"]
+    tinfo, errors = {"compile_s": {}}, {}
+    sides = {"jax": Remote(workers[0], "jax")}
+    if len(workers) > 1:
+        tinfo, errors = workers[1].hello["info"], workers[1].hello["errors"]
+        sides.update({m: Remote(workers[1], m) for m in workers[1].hello["modes"]})
+    return sides, workers, info, tinfo, errors, data
+
+
+def first_pair(res, jx, info, tinfo, errors, data, args, batch):
+    """Records what the first pair of workers found (compile times, the port check, FLOPs) and
+    returns the steps per timed sample: about `--sample-s` seconds of the JAX step, the same
+    for every runner and every pair."""
+    res["data"] = data
     log(f"  JAX compile: train {info['compile_s']['jax_train']:.1f} s, "
         f"inference {info['compile_s']['jax_inference']:.1f} s")
     res["port_check_max_abs_logit_diff"] = info["port_diff"]
@@ -463,41 +465,77 @@ def bench_network(name, args, device):
             f"inference {tinfo['compile_s']['torch_compile_inference']:.1f} s")
     for mode, e in errors.items():
         log(f"  torch {mode} failed: {e}")
-
-    # Steps per timed sample: about `--sample-s` seconds of the JAX step (the same for all).
-    jx.train_steps(1)
-    t_step = min(jx.train_steps(1), jx.train_steps(1))
-    iters = args.iters or max(1, min(100, math.ceil(args.sample_s / t_step)))
-    t_inf = min(jx.infer_steps(1), jx.infer_steps(1))
-    iters_inf = args.iters or max(1, min(300, math.ceil(args.sample_s / t_inf)))
-    res["iters_per_sample"] = {"train": iters, "inference": iters_inf}
-
-    res["load_before"] = harness.load_average()
-    train = harness.interleave({m: (lambda s=s: s.train_steps(iters)) for m, s in sides.items()},
-                               args.rounds, warmup=1, log=log if args.verbose else None)
-    infer = harness.interleave({m: (lambda s=s: s.infer_steps(iters_inf))
-                                for m, s in sides.items()},
-                               args.rounds, warmup=1, log=log if args.verbose else None)
-    res["load_after"] = harness.load_average()
-    res["train"] = {m: harness.summarize(v, batch) for m, v in train.items()}
-    res["inference"] = {m: harness.summarize(v, batch) for m, v in infer.items()}
-    # round by round, for the paired ratios (`derived`) and anyone re-analysing the run
-    res["samples_s"] = {"train": train, "inference": infer}
-    res["final_loss"] = {m: s.last_loss for m, s in sides.items() if hasattr(s, "last_loss")}
     res["errors"] = errors
-    res["processes"] = "one" if args.same_process else "one per framework"
     res["compile_s"] = {**info["compile_s"], **tinfo["compile_s"]}
     res["flops_per_example"] = {k: (info["flops"][k] or 0) / batch
                                 for k in ("train", "inference")}
     res["xla_memory_plan_mib"] = {
         k: {kk: round(vv / 2**20, 1) for kk, vv in (info["memory_plan"][k] or {}).items()}
         for k in ("train", "inference")}
-    for w in workers:
-        w.close()
+    jx.train_steps(1)
+    t_step = min(jx.train_steps(1), jx.train_steps(1))
+    iters = args.iters or max(1, min(100, math.ceil(args.sample_s / t_step)))
+    t_inf = min(jx.infer_steps(1), jx.infer_steps(1))
+    iters_inf = args.iters or max(1, min(300, math.ceil(args.sample_s / t_inf)))
+    res["iters_per_sample"] = {"train": iters, "inference": iters_inf}
+    res["load_before"] = harness.load_average()
+    return iters, iters_inf
+
+
+def bench_network(name, args, device):
+    from flaxcnn import recipes
+
+    side = args.side or recipes.get(name).side
+    batch = args.batch or (recipes.get(name).batch_size if device == "gpu"
+                           else CPU_BATCH.get(name, CPU_BATCH_DEFAULT))
+    log(f"\n== {name} @{side}, batch {batch}, load {harness.load_average()}")
+    res = {"network": name, "side": side, "batch": batch}
+
+    # Each pair of workers is a fresh draw of the host's phases: on the 2-vCPU guests here,
+    # fresh processes of the same code ran at one of two levels up to 1.3x apart, a process
+    # mostly keeping its level, and JAX's and PyTorch's levels moving in opposite phases
+    # (benchmarks/xla_cpu_study.md). So the rounds are spread over `--processes` pairs started
+    # one after the other, and the samples pooled.
+    procs = 1 if args.same_process else args.processes
+    per_proc = [args.rounds // procs + (i < args.rounds % procs) for i in range(procs)]
+    train = infer = None
+    res["by_process"] = []
+    for p, rounds in enumerate(per_proc):
+        sides, workers, info, tinfo, errors, data = start_sides(name, batch, side, args, device)
+        try:
+            if p == 0:
+                iters, iters_inf = first_pair(res, sides["jax"], info, tinfo, errors, data,
+                                              args, batch)
+            tr = harness.interleave({m: (lambda s=s, n=iters: s.train_steps(n))
+                                     for m, s in sides.items()},
+                                    rounds, warmup=1, log=log if args.verbose else None)
+            inf = harness.interleave({m: (lambda s=s, n=iters_inf: s.infer_steps(n))
+                                      for m, s in sides.items()},
+                                     rounds, warmup=1, log=log if args.verbose else None)
+            res["final_loss"] = {m: s.last_loss for m, s in sides.items()
+                                 if hasattr(s, "last_loss")}
+        finally:  # a worker left running would hold a CPU
+            for w in workers:
+                w.close()
+        train = tr if train is None else {m: train[m] + tr[m] for m in train}
+        infer = inf if infer is None else {m: infer[m] + inf[m] for m in infer}
+        pair = {kind: {m: harness.summarize(v, batch)["median"] for m, v in smp.items()}
+                for kind, smp in (("train", tr), ("inference", inf))}
+        res["by_process"].append({"rounds": rounds, **pair})
+        if procs > 1:
+            log(f"  pair {p + 1}/{procs}, {rounds} rounds: " + "; ".join(
+                f"{kind} " + ", ".join(f"{m} {v:.1f}" for m, v in pair[kind].items())
+                for kind in ("train", "inference")))
+    res["load_after"] = harness.load_average()
+    res["train"] = {m: harness.summarize(v, batch) for m, v in train.items()}
+    res["inference"] = {m: harness.summarize(v, batch) for m, v in infer.items()}
+    # round by round, for the paired ratios (`derived`) and anyone re-analysing the run
+    res["samples_s"] = {"train": train, "inference": infer}
+    res["processes"] = ("one" if args.same_process else
+                        f"one per framework, {procs} pair{'s' if procs > 1 else ''}")
     for kind in ("train", "inference"):
         line = ", ".join(f"{m} {r['median']:.1f}" for m, r in res[kind].items())
         log(f"  {kind} ex/s: {line}")
-    del sides, jx
 
     if args.memory:
         res["peak_memory_mib"] = {}
@@ -566,6 +604,7 @@ def derived(res, peak_gflops):
 
 def markdown(report) -> str:
     m = report["machine"]
+    procs = report["args"].get("processes", 1)
     peak = report["gemm_peak_gflops"]
     lines = [
         f"# JAX (flaxcnn) vs PyTorch: {report['device_kind']}",
@@ -639,6 +678,22 @@ def markdown(report) -> str:
             f"| {r['flops_per_example']['inference'] / 1e9:.3f} | {d['jax_gflops']:.1f} "
             f"| {100 * d['jax_fraction_of_gemm_peak']:.0f}% | {c['jax_inference']:.1f} / "
             f"{f'{tc:.1f}' if tc is not None else 'n/a'} |")
+    if any(len(r.get("by_process", ())) > 1 for r in report["results"]):
+        lines += [
+            "",
+            "## By pair of worker processes (JAX examples/s, and JAX / the best torch mode)",
+            "",
+            "| network | training, pair by pair | inference, pair by pair |",
+            "|---|---|---|",
+        ]
+        for r in report["results"]:
+            cells = []
+            for kind in ("train", "inference"):
+                best = r["derived"][kind]["torch_best_mode"]
+                cells.append(", ".join(
+                    f"{q[kind]['jax']:.1f} ({q[kind]['jax'] / q[kind][best]:.2f})" if best
+                    else f"{q[kind]['jax']:.1f}" for q in r["by_process"]))
+            lines.append(f"| {r['network']} | {cells[0]} | {cells[1]} |")
     errs = {r["network"]: r["errors"] for r in report["results"] if r.get("errors")}
     lines += [
         "",
@@ -655,7 +710,12 @@ def markdown(report) -> str:
         + ("JAX and PyTorch ran in this one process (`--same-process`). "
            if report["args"].get("same_process") else
            "JAX ran in one worker process, PyTorch's modes in another; the parent asked each "
-           "for its samples in turn (one runs while the other waits). ")
+           "for its samples in turn (one runs while the other waits). "
+           + (f"For each network {procs} such pairs of fresh processes ran one after the "
+              "other and shared the rounds, and their samples are pooled: on a virtual "
+              "machine the speed comes in phases of seconds to minutes, and a process tends "
+              "to keep the level it started at (benchmarks/xla_cpu_study.md). "
+              if procs > 1 else ""))
         + "Every runner warms up, then all runners take turns "
         f"({report['args']['rounds']} rounds, the order rotating each round), each sample "
         "lasting about "
@@ -731,7 +791,10 @@ def main(argv=None):
                    "CPU, 256 for LeNet; the book's batch on a GPU)")
     p.add_argument("--side", type=int, help="input side (default: the book's per network)")
     p.add_argument("--threads", type=int, help="CPU threads for both (default: all usable)")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved samples per runner")
+    p.add_argument("--rounds", type=int, default=9, help="interleaved samples per runner")
+    p.add_argument("--processes", type=int, default=3,
+                   help="pairs of fresh worker processes per network, one after the other, "
+                   "sharing the rounds (default: 3)")
     p.add_argument("--sample-s", type=float, default=1.5, help="target seconds per sample")
     p.add_argument("--iters", type=int, help="fixed steps per sample (overrides --sample-s)")
     p.add_argument("--torch-modes", nargs="+", default=TORCH_MODES, choices=TORCH_MODES)
@@ -751,6 +814,9 @@ def main(argv=None):
     p.add_argument("--worker", nargs=4, metavar=("KIND", "NET", "BATCH", "SIDE"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not 1 <= args.processes <= args.rounds:
+        p.error(f"--processes must be between 1 and --rounds ({args.rounds}), "
+                f"not {args.processes}")
     if args.device == "gpu":
         # Two processes share the GPU: neither may take most of its memory up front.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
