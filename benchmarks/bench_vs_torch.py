@@ -9,7 +9,9 @@ weights (PyTorch's, ported with `flaxcnn.porting`) and the same number of thread
 - inference throughput in eval mode for the same four;
 - all timed interleaved (A, B, C, D, B, C, D, A, ...) after warm-up; medians with min-max;
   JAX in one worker process and PyTorch's modes in another, the parent taking turns between
-  them (`--same-process` runs both in the parent instead);
+  them, the rounds shared by `--processes` such pairs started one after the other (a fresh
+  process can keep a speed level for its life on a virtual machine; `--same-process` runs
+  both in the parent instead);
 - compile time (XLA's lower+compile; torch.compile's first call minus a steady call);
 - peak memory of a training run of each, each in its own child process;
 - FLOPs per example from XLA's cost analysis, and the achieved GFLOP/s as a fraction of this
@@ -347,8 +349,16 @@ class Worker:
         return self._read()
 
     def close(self):
-        self.proc.stdin.close()
-        self.proc.wait()
+        """Ends the child (its stdin closing stops its loop); safe after it died."""
+        try:
+            self.proc.stdin.close()
+        except OSError:  # a broken pipe: the child is gone already
+            pass
+        try:
+            self.proc.wait(timeout=60)
+        except Exception:  # noqa: BLE001 - never leave it running
+            self.proc.kill()
+            self.proc.wait()
 
 
 class Remote:
@@ -416,15 +426,15 @@ def memory_child(name, mode, batch, side, device, threads, dtype="float32"):
 
 # ----------------------------------------------------------------------------- one network
 
-def start_sides(name, batch, side, args, device):
+def start_sides(name, batch, side, args, device, torch_modes):
     """Builds the runners of one network: in this process (`--same-process`), else in a pair of
-    fresh workers, JAX in one and PyTorch's modes in the other. Returns the runners, the
-    workers to close, and what building them found."""
+    fresh workers, JAX in one and PyTorch's `torch_modes` in the other. Returns the runners,
+    the workers to close, and what building them found."""
     if args.same_process:
         x, y, data, net = the_network(name, batch, side)
         sides, info, errors = build_sides("jax", name, side, net, x, y, device, args.dtype)
         more, tinfo, errors = build_sides("torch", name, side, net, x, y, device, args.dtype,
-                                          args.torch_modes)
+                                          torch_modes)
         sides.update(more)
         return sides, [], info, tinfo, errors, data
     # Each framework in a process of its own, as its users run it: neither runs beside the
@@ -435,9 +445,9 @@ def start_sides(name, batch, side, args, device):
     workers = []
     try:
         workers.append(Worker(["--worker", "jax", *common]))
-        if args.torch_modes:
+        if torch_modes:
             workers.append(Worker(["--worker", "torch", *common,
-                                   "--torch-modes", *args.torch_modes]))
+                                   "--torch-modes", *torch_modes]))
     except RuntimeError:
         for w in workers:
             w.close()
@@ -496,22 +506,35 @@ def bench_network(name, args, device):
     # mostly keeping its level, and JAX's and PyTorch's levels moving in opposite phases
     # (benchmarks/xla_cpu_study.md). So the rounds are spread over `--processes` pairs started
     # one after the other, and the samples pooled.
-    procs = 1 if args.same_process else args.processes
+    procs = args.processes
     per_proc = [args.rounds // procs + (i < args.rounds % procs) for i in range(procs)]
     train = infer = None
     res["by_process"] = []
+    torch_modes = args.torch_modes
     for p, rounds in enumerate(per_proc):
-        sides, workers, info, tinfo, errors, data = start_sides(name, batch, side, args, device)
+        sides, workers, info, tinfo, errors, data = start_sides(name, batch, side, args, device,
+                                                                torch_modes)
         try:
             if p == 0:
                 iters, iters_inf = first_pair(res, sides["jax"], info, tinfo, errors, data,
                                               args, batch)
+                # later pairs run what worked here, so the pooled lists stay round-aligned
+                torch_modes = [m for m in torch_modes if m not in errors]
+            elif errors:
+                raise RuntimeError(f"{name}: in pair {p + 1} of {procs}, torch "
+                                   + "; ".join(f"{m} failed: {e}" for m, e in errors.items())
+                                   + " (it had worked in pair 1)")
+            # the rotation goes on across pairs: each runner leads some rounds
+            done = sum(per_proc[:p])
             tr = harness.interleave({m: (lambda s=s, n=iters: s.train_steps(n))
                                      for m, s in sides.items()},
-                                    rounds, warmup=1, log=log if args.verbose else None)
+                                    rounds, warmup=1, log=log if args.verbose else None,
+                                    start=done)
             inf = harness.interleave({m: (lambda s=s, n=iters_inf: s.infer_steps(n))
                                       for m, s in sides.items()},
-                                     rounds, warmup=1, log=log if args.verbose else None)
+                                     rounds, warmup=1, log=log if args.verbose else None,
+                                     start=done)
+            # the last pair's losses: its networks start from the same weights as the first's
             res["final_loss"] = {m: s.last_loss for m, s in sides.items()
                                  if hasattr(s, "last_loss")}
         finally:  # a worker left running would hold a CPU
@@ -539,7 +562,7 @@ def bench_network(name, args, device):
 
     if args.memory:
         res["peak_memory_mib"] = {}
-        for mode in ["jax", *[m for m in args.torch_modes if m not in errors]]:
+        for mode in ["jax", *[m for m in args.torch_modes if m not in res["errors"]]]:
             out = harness.run_child(
                 [str(Path(__file__).resolve()), "--memory-child", name, mode, str(batch),
                  str(side), "--device", device, "--threads", str(args.threads_used),
@@ -712,12 +735,15 @@ def markdown(report) -> str:
            "JAX ran in one worker process, PyTorch's modes in another; the parent asked each "
            "for its samples in turn (one runs while the other waits). "
            + (f"For each network {procs} such pairs of fresh processes ran one after the "
-              "other and shared the rounds, and their samples are pooled: on a virtual "
-              "machine the speed comes in phases of seconds to minutes, and a process tends "
-              "to keep the level it started at (benchmarks/xla_cpu_study.md). "
-              if procs > 1 else ""))
-        + "Every runner warms up, then all runners take turns "
-        f"({report['args']['rounds']} rounds, the order rotating each round), each sample "
+              "other and shared the rounds, and their samples are pooled"
+              + (": on a virtual machine the speed comes in phases of seconds to minutes, "
+                 "and a process tends to keep the level it started at "
+                 "(benchmarks/xla_cpu_study.md)" if m.get("hypervisor") else "")
+              + "; compile times are the first pair's. " if procs > 1 else ""))
+        + ("In each pair every runner warms up, then all runners take turns "
+           if procs > 1 else "Every runner warms up, then all runners take turns ")
+        + f"({report['args']['rounds']} rounds in all, the order rotating each round"
+        + (" and on from pair to pair" if procs > 1 else "") + "), each sample "
         "lasting about "
         f"{report['args']['sample_s']} s. JAX / best torch: the ratio of the medians, against "
         "the PyTorch mode with the best median; per round: the same ratio within each round "
@@ -791,10 +817,12 @@ def main(argv=None):
                    "CPU, 256 for LeNet; the book's batch on a GPU)")
     p.add_argument("--side", type=int, help="input side (default: the book's per network)")
     p.add_argument("--threads", type=int, help="CPU threads for both (default: all usable)")
-    p.add_argument("--rounds", type=int, default=9, help="interleaved samples per runner")
-    p.add_argument("--processes", type=int, default=3,
+    p.add_argument("--rounds", type=int, default=9,
+                   help="interleaved samples per runner, in all (shared by the --processes "
+                   "pairs)")
+    p.add_argument("--processes", type=int,
                    help="pairs of fresh worker processes per network, one after the other, "
-                   "sharing the rounds (default: 3)")
+                   "sharing the rounds (default: 3, at most --rounds; 1 with --same-process)")
     p.add_argument("--sample-s", type=float, default=1.5, help="target seconds per sample")
     p.add_argument("--iters", type=int, help="fixed steps per sample (overrides --sample-s)")
     p.add_argument("--torch-modes", nargs="+", default=TORCH_MODES, choices=TORCH_MODES)
@@ -814,7 +842,13 @@ def main(argv=None):
     p.add_argument("--worker", nargs=4, metavar=("KIND", "NET", "BATCH", "SIDE"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not 1 <= args.processes <= args.rounds:
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, not {args.rounds}")
+    if args.processes is None:
+        args.processes = 1 if args.same_process else min(3, args.rounds)
+    elif args.same_process and args.processes != 1:
+        p.error("--same-process runs one process: --processes must be 1 with it")
+    elif not 1 <= args.processes <= args.rounds:
         p.error(f"--processes must be between 1 and --rounds ({args.rounds}), "
                 f"not {args.processes}")
     if args.device == "gpu":

@@ -181,17 +181,19 @@ def summarize(samples: list[float], scale: float = 1.0) -> dict:
             "n": len(rates)}
 
 
-def interleave(runners: dict, rounds: int, warmup: int = 1, log=None) -> dict[str, list[float]]:
+def interleave(runners: dict, rounds: int, warmup: int = 1, log=None,
+               start: int = 0) -> dict[str, list[float]]:
     """Runs every runner `warmup` times, then `rounds` rounds of A, B, C, ... (the order rotates
-    each round so no runner always follows the same one). A runner is `f() -> seconds` for one
-    timed sample. Returns name -> list of samples."""
+    each round so no runner always follows the same one; `start` rounds on, to go on from an
+    earlier call). A runner is `f() -> seconds` for one timed sample. Returns name -> list of
+    samples."""
     names = list(runners)
     for name in names:
         for _ in range(warmup):
             runners[name]()
     samples = {name: [] for name in names}
     for r in range(rounds):
-        k = r % len(names)
+        k = (start + r) % len(names)
         for name in names[k:] + names[:k]:
             samples[name].append(runners[name]())
         if log:

@@ -37,9 +37,11 @@ def test_bench_vs_torch_runs_each_framework_in_its_own_worker(tmp_path):
         assert paired["n"] == 3
         assert math.isclose(paired["median"], sorted(
             t / j for j, t in zip(samples["jax"], samples["eager"], strict=True))[1])
-        # the second pair's one round is the pooled list's last sample
-        assert math.isclose(result["by_process"][1][kind]["jax"],
-                            result["batch"] / samples["jax"][2])
+        # pooled in pair order, every mode alike: pair 1's two rounds, then pair 2's one
+        for m in ("jax", "eager"):
+            rates = [result["batch"] / s for s in samples[m]]
+            assert math.isclose(result["by_process"][0][kind][m], (rates[0] + rates[1]) / 2)
+            assert math.isclose(result["by_process"][1][kind][m], rates[2])
     assert result["compile_s"]["jax_train"] > 0
     assert result["flops_per_example"]["train"] > 0
     # Both sides trained (a warm-up and a timed sample): finite losses came back.
@@ -51,14 +53,105 @@ def test_bench_vs_torch_runs_each_framework_in_its_own_worker(tmp_path):
     assert (tmp_path / "smoke.png").stat().st_size > 0
 
 
-def test_bench_vs_torch_refuses_more_pairs_than_rounds(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "2", "--processes", "3"],
+     "--processes must be between 1 and --rounds (2), not 3"),
+    (["--processes", "0"], "--processes must be between 1 and --rounds (9), not 0"),
+    (["--same-process", "--processes", "2"], "--processes must be 1 with it"),
+    (["--rounds", "0"], "--rounds must be at least 1, not 0"),
+])
+def test_bench_vs_torch_refuses_bad_pair_counts(argv, message, capsys):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_vs_torch import main
 
     with pytest.raises(SystemExit) as e:
-        main(["--rounds", "2", "--processes", "3"])
+        main(argv)
     assert e.value.code == 2
-    assert "--processes must be between 1 and --rounds (2), not 3" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+
+
+class _Runner:
+    """A stand-in for a worker's runner: every sample takes `s` seconds."""
+
+    def __init__(self, s):
+        self.s = s
+
+    def train_steps(self, n):
+        return self.s
+
+    def infer_steps(self, n):
+        return self.s
+
+
+def _fake_pairs(monkeypatch, pairs):
+    """`bench_network` on stand-in workers: pair i has the runners (and errors) `pairs[i]`;
+    returns the torch modes each pair was asked for."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_vs_torch
+
+    asked = []
+    info = {"compile_s": {"jax_train": 1.0, "jax_inference": 0.5}, "port_diff": 0.0,
+            "flops": {"train": 64e9, "inference": 32e9},
+            "memory_plan": {"train": None, "inference": None}}
+
+    def start_sides(name, batch, side, args, device, torch_modes):
+        sides, errors = pairs[len(asked)]
+        asked.append(list(torch_modes))
+        return ({m: _Runner(s) for m, s in sides.items()}, [], info, {"compile_s": {}},
+                errors, "fake")
+
+    monkeypatch.setattr(bench_vs_torch, "start_sides", start_sides)
+    return bench_vs_torch, asked
+
+
+def _args(**kw):
+    import argparse
+
+    return argparse.Namespace(**{"batch": 32, "side": 96, "rounds": 4, "processes": 2,
+                                 "iters": 1, "sample_s": 1.0, "verbose": False, "memory": False,
+                                 "torch_modes": ["eager", "compile"], "same_process": False,
+                                 **kw})
+
+
+def test_bench_network_pools_pairs_and_asks_later_pairs_for_what_worked(monkeypatch):
+    ok = ({"jax": 0.1, "eager": 0.2}, {"compile": "RuntimeError: no compiler"})
+    bench, asked = _fake_pairs(monkeypatch, [ok, ({"jax": 0.4, "eager": 0.2}, {})])
+    res = bench.bench_network("resnet18", _args(), "cpu")
+    assert asked == [["eager", "compile"], ["eager"]]
+    assert res["errors"] == {"compile": "RuntimeError: no compiler"}
+    assert res["samples_s"]["train"] == {"jax": [0.1, 0.1, 0.4, 0.4], "eager": [0.2] * 4}
+    assert [q["train"]["jax"] for q in res["by_process"]] == [320.0, 80.0]
+    assert res["train"]["jax"]["median"] == 200.0  # pooled: (320 + 80) / 2
+
+
+def test_bench_network_stops_when_a_mode_fails_in_a_later_pair(monkeypatch):
+    sides = {"jax": 0.1, "eager": 0.2, "compile": 0.3}
+    bench, _ = _fake_pairs(monkeypatch, [(sides, {}), ({"jax": 0.1, "eager": 0.2},
+                                                       {"compile": "RuntimeError: died"})])
+    with pytest.raises(RuntimeError, match="in pair 2 of 2, torch compile failed: "
+                                           "RuntimeError: died"):
+        bench.bench_network("resnet18", _args(), "cpu")
+
+
+def test_interleave_goes_on_rotating_from_start():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import harness
+
+    order = []
+    runners = {m: (lambda m=m: order.append(m) or 1.0) for m in "abc"}
+    harness.interleave(runners, 2, warmup=0, start=2)
+    assert order == ["c", "a", "b", "a", "b", "c"]
+
+
+def test_markdown_of_a_one_pair_run_has_no_pair_table():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_vs_torch import markdown
+
+    old = json.loads((ROOT / "benchmarks" / "results"
+                      / "cpu-amd-epyc-f25m17-2t-e9f403b.json").read_text())
+    md = markdown(old)
+    assert "JAX ran in one worker process" in md
+    assert "By pair" not in md and "such pairs" not in md
 
 
 def test_paired_ratios_pair_each_round():
