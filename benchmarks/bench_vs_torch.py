@@ -633,7 +633,8 @@ def markdown(report) -> str:
         f"# JAX (flaxcnn) vs PyTorch: {report['device_kind']}",
         "",
         f"Machine: {m['cpu']} ({m['cpus_used']} of {m['logical_cpus']} logical CPUs used, "
-        f"{', '.join(m['isa'])}; {m.get('hypervisor') or 'bare metal'} guest), "
+        f"{', '.join(m['isa'])}; "
+        + (f"{m['hypervisor']} guest" if m.get("hypervisor") else "bare metal") + "), "
         f"{m['memory_gib']} GiB RAM; {m['os']}."
         if report["device"] == "cpu" else f"Machine: {report['device_kind']}.",
         f"Versions: Python {m['python']}, jax {m['jax']}, jaxlib {m['jaxlib']}, "
@@ -641,7 +642,9 @@ def markdown(report) -> str:
         f"Threads: {m['cpus_used']} for both (torch.set_num_threads, CPU affinity for XLA).",
         f"XLA_FLAGS: `{m['XLA_FLAGS'] or '(none)'}`. Commit {m['git_commit']}"
         + (f" (+{m['git_dirty_files']} modified files)" if m["git_dirty_files"] else "") + ".",
-        f"Date: {report['date']}. Command: `{report['command']}`",
+        f"Date: {report['date']}"
+        + (f" to {report['date_end']}" if "date_end" in report else "")
+        + f". Command: `{report['command']}`",
         f"Load average (1/5/15 min) at start {report['load_start']}, at end {report['load_end']}.",
         "",
         f"{report['args'].get('dtype', 'float32')} GEMM peak measured in this run: "
@@ -903,6 +906,7 @@ def main(argv=None):
     gemm["jax"].append(harness.gemm_peak_jax(sizes, dtype=args.dtype))
     gemm["torch"].append(harness.gemm_peak_torch(sizes, device=tdev, dtype=args.dtype))
     report["load_end"] = harness.load_average()
+    report["date_end"] = time.strftime("%Y-%m-%d %H:%M %Z")
     report["gemm"] = {
         "runs": gemm,
         "jax_best": max(g["gflops"] for g in gemm["jax"]),
