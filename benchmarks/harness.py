@@ -137,6 +137,8 @@ def cpu_device_kind(threads: int) -> str:
     fm = f"f{info['CPU family']}m{info['Model']}" if "CPU family" in info and "Model" in info \
         else ""
     name = info.get("Model name") or platform.processor() or "unknown CPU"
+    # "Intel(R) Xeon(R) Processor @ 2.00GHz" -> intel-xeon-processor-2-00ghz
+    name = re.sub(r"\((R|TM|tm|r)\)", "", name)
     return "-".join(p for p in ("cpu", slug(name), fm, f"{threads}t") if p)
 
 

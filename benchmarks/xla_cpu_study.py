@@ -100,6 +100,8 @@ CONFIGS = {
     "infer: xnn-conv+R+pool": (XNN_CONV, True, "infer"),
     "infer: ynn-conv+R+pool": (YNN_ALL, True, "infer"),
     "infer: ynn-conv+R+pool+dot1x1": (YNN_ALL, True, "infer", "dot1x1"),
+    # Dots on XLA's own (Eigen) GEMMs: the Intel Xeon's question (2026-12-01)
+    "infer: ynn-reduce-only+pool": ({YNN: LIB + "REDUCE"}, True, "infer"),
 }
 DEFAULT_CONFIGS = ["xla", "xla+pool", "ynn-off", "ynn-off+pool", "ynn-reduce+dot+pool"]
 
