@@ -138,7 +138,7 @@ def cpu_device_kind(threads: int) -> str:
         else ""
     name = info.get("Model name") or platform.processor() or "unknown CPU"
     # "Intel(R) Xeon(R) Processor @ 2.00GHz" -> intel-xeon-processor-2-00ghz
-    name = re.sub(r"\((R|TM|tm|r)\)", "", name)
+    name = re.sub(r"\((r|tm)\)", "", name, flags=re.IGNORECASE)
     return "-".join(p for p in ("cpu", slug(name), fm, f"{threads}t") if p)
 
 

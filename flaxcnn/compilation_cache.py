@@ -77,15 +77,10 @@ def default_directory() -> str | None:
     return os.path.join(base, "flaxcnn", f"xla-{_machine_tag()}")
 
 
-_jax_hits = 0  # programs JAX itself loaded from its cache (in `_counts` too)
-
-
 def _on_event(event: str, **kwargs) -> None:
-    global _jax_hits
     if event == "/jax/compilation_cache/cache_hits":
         with _lock:
             _counts["hits"] += 1
-            _jax_hits += 1
     elif event == "/jax/compilation_cache/compile_requests_use_cache":
         with _lock:
             _counts["requests"] += 1
@@ -290,12 +285,9 @@ class _Persistent:
                 _counts["hits"] += 1
                 _counts["requests"] += 1
             return compiled
-        with _lock:
-            jax_hits = _jax_hits
+        hits = counts()["hits"]
         compiled = self.jitted.lower(*args, **kwargs).compile()  # JAX counts the request
-        with _lock:
-            from_jax_cache = _jax_hits != jax_hits
-        if from_jax_cache:
+        if counts()["hits"] != hits:  # (or another thread's hit meanwhile: no file either)
             # An executable JAX loaded from its own cache does not serialize whole on XLA:CPU
             # (the file loads, then fails to run: "Function ... not found"), so none is kept;
             # JAX's cache serves the next process. Seen where compiles take over
