@@ -6,3 +6,9 @@ import os
 # compilation cache (tests/test_train.py tests it in its own directory); set this variable
 # yourself to share one cache across a local run.
 os.environ.setdefault("FLAXCNN_COMPILATION_CACHE", "off")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow first (a stable sort): pytest-xdist hands tests out in this order, so
+    the long ones run while the short ones fill the gaps, instead of one ending the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_vs_torch_runs_each_framework_in_its_own_worker(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_vs_torch.py"), "--networks",
            "lenet_bn", "--torch-modes", "eager", "--rounds", "3", "--processes", "2",

@@ -112,6 +112,7 @@ FOUR_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_four_simulated_devices_train_as_one(tmp_path, cache_dir):
     """4 steps (the last a partial batch of 232 = 58 x 4) on 1 and on 4 devices of one process:
     the same parameters and BatchNorm statistics within float tolerance, the state replicated on
@@ -212,6 +213,7 @@ def _finish(procs, timeout=300):
     return outs
 
 
+@pytest.mark.slow
 def test_two_processes_survive_a_kill_resume_and_match_one_process(tmp_path, cache_dir):
     """Two processes on 127.0.0.1 (gloo collectives): killing process 1 mid-run makes process 0
     exit with status 4 and a clear message within the bound; both restarted with --resume
@@ -252,6 +254,7 @@ def test_two_processes_survive_a_kill_resume_and_match_one_process(tmp_path, cac
     _assert_close(got, expected, atol=PROCESS_ATOL, rtol=PROCESS_RTOL)
 
 
+@pytest.mark.slow
 def test_killed_coordinator_stops_the_other_process(tmp_path, cache_dir):
     """Process 0 hosts JAX's coordination service; when it is killed, process 1 must not hang:
     JAX (or our handler, if a collective fails first) ends it within the bound, saying why."""
@@ -298,6 +301,7 @@ def test_missing_process_fails_fast_with_a_message(tmp_path, cache_dir):
     assert time.time() - t0 < 60
 
 
+@pytest.mark.slow
 def test_bfloat16_trains_close_to_float32(tmp_path):
     """bfloat16 compute, float32 master parameters, BatchNorm statistics and loss: 8 steps lower
     the loss and stay within the stated tolerances of the float32 run."""

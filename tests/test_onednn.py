@@ -211,6 +211,7 @@ def test_models_take_onednn_on_cpu_only():
         assert "flaxcnn_onednn" not in text[p]
 
 
+@pytest.mark.slow
 def test_googlenet_trains_its_inception_blocks_on_xla_and_infers_them_on_onednn(monkeypatch):
     """GoogLeNet on a CPU: in training, oneDNN for the stem and the two layers after it, XLA's
     convolutions for the 54 in its nine Inception blocks (`layers.Conv(onednn=False)`); in
@@ -304,6 +305,7 @@ def test_xla_forward_convolutions_stay_out_of_ynnpack_fusions():
     assert hlo.count("convolution(") == 3  # the three layers, XLA's forward pass
 
 
+@pytest.mark.slow
 def test_model_gradients_equal_with_and_without_onednn(monkeypatch):
     """DenseNet's loss and gradients (BatchNorm, concatenations, 1x1 and strided layers) are the
     same, within float32 rounding, with oneDNN's convolutions and with XLA's."""
@@ -427,6 +429,7 @@ def test_concurrent_convolutions_in_inception_blocks():
     assert np.all(np.isfinite(first)) and first[-1] < first[0], first
 
 
+@pytest.mark.slow
 def test_conv_then_relu_runs_as_one_call(monkeypatch):
     """`layers.Sequential` and `run_layers` run a `Conv` followed by `nn.relu` as one oneDNN call
     (NiN's 12 layers, AlexNet's 5), with the parameter paths of `nn.Sequential` and, within

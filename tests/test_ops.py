@@ -302,6 +302,7 @@ def test_nin_1x1_kernel_gradients_only_on_cpu(xla_convolutions):
     assert convs == {"cpu": 12 + 11 + 12 - 4, "cuda": 35, "tpu": 35}
 
 
+@pytest.mark.slow
 def test_googlenet_convolutions_keep_their_operands_on_cpu(xla_convolutions):
     """GoogLeNet's 5x5 convolutions on 3x3 maps: without conv_small_input, XLA:CPU swaps
     image and kernel (dim_labels 01fb_o01i->f01b) and runs them 10x slower."""

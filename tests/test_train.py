@@ -31,7 +31,11 @@ def small_batch():
     return images[:32], labels[:32].astype(np.int32)
 
 
-@pytest.mark.parametrize("name", models.names())
+# GoogLeNet and DenseNet compile for 35-65 s here: marked slow, so that they start first.
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n in ("googlenet", "densenet") else n
+    for n in models.names()
+])
 def test_every_network_learns(name, small_batch):
     """A few SGD steps at the book's learning rate on one real batch lower its loss (dropout
     off, so that the loss of the same batch is comparable from step to step)."""
@@ -87,6 +91,7 @@ def _wait_for_epoch(proc, workdir, epoch, timeout=300):
     raise TimeoutError
 
 
+@pytest.mark.slow
 def test_killed_and_interrupted_runs_resume_bit_identically(tmp_path):
     straight = tmp_path / "straight"
     r = _run([*RUN, "--workdir", str(straight)])
@@ -170,6 +175,7 @@ def test_usage_errors_before_compiling(args, message):
     assert time.time() - t0 < 60
 
 
+@pytest.mark.slow
 def test_resume_needs_a_checkpoint_and_a_fresh_run_needs_an_empty_workdir(tmp_path):
     r = _run(["--workdir", str(tmp_path), "--resume"])
     assert r.returncode == 2 and "no checkpoint" in r.stderr
@@ -183,6 +189,7 @@ def test_resume_needs_a_checkpoint_and_a_fresh_run_needs_an_empty_workdir(tmp_pa
         trainer.fit(trainer.Config(**{**cfg, "lr": 0.5}, resume=True), log=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_precise_bn_statistics_are_the_batch_statistics(small_batch):
     """`batch_statistics` returns each BatchNorm layer's mean and biased variance of the batch,
     for the built-in layer (mean/var) and the scratch one (moving_mean/moving_var)."""
@@ -203,6 +210,7 @@ def test_precise_bn_statistics_are_the_batch_statistics(small_batch):
                                    atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compilation_cache_reloads_the_same_programs(tmp_path):
     """A second run loads its compiled steps from the persistent cache and trains
     bit-identically; `--compilation-cache off` writes nothing."""
