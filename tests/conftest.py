@@ -8,7 +8,7 @@ import os
 os.environ.setdefault("FLAXCNN_COMPILATION_CACHE", "off")
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     """Tests marked slow first (a stable sort): pytest-xdist hands tests out in this order, so
     the long ones run while the short ones fill the gaps, instead of one ending the run alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)

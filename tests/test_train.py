@@ -31,7 +31,7 @@ def small_batch():
     return images[:32], labels[:32].astype(np.int32)
 
 
-# GoogLeNet and DenseNet compile for 35-65 s here: marked slow, so that they start first.
+# GoogLeNet and DenseNet take 30-65 s here: marked slow, so that they start first.
 @pytest.mark.parametrize("name", [
     pytest.param(n, marks=pytest.mark.slow) if n in ("googlenet", "densenet") else n
     for n in models.names()
