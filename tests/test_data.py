@@ -291,7 +291,7 @@ def assert_not_prepared(data_dir):
 
 def test_nothing_found_fails_fast_with_how_to(offline):
     data_dir = offline / "tfds"
-    # First without the probe: the lookup's one-time imports (seconds when the other worker
+    # First without the probe: the lookup's one-time work (seconds when the other worker
     # loads both cores) stay out of the timed call below.
     msg = load_fails("downloading is disabled", data_dir=data_dir, download=False)
     assert "apt-get install -y dataset-fashion-mnist" in msg
