@@ -165,3 +165,40 @@ def test_paired_ratios_pair_each_round():
     assert math.isclose(p["median"], 1.1) and math.isclose(p["max"], 1.1)
     assert math.isclose(p["min"], 0.9)
     assert (p["rounds_at_least_1"], p["n"]) == (2, 3)
+
+
+def _report(tmp_path, name, pairs, ratios):
+    """A results file as bench_vs_torch.py writes it, reduced to what summarize_runs reads."""
+    report = {"date": "2026-12-02 12:50 UTC", "machine": {"git_commit": "abc1234"},
+              "results": [{"network": n, "by_process": [{}] * pairs} for n in ratios],
+              "summary": {n: {"train_jax_over_torch_best": t, "inference_jax_over_torch_best": i,
+                              "train_fraction_of_gemm_peak": 0.5} for n, (t, i) in ratios.items()}}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_summarize_runs_pools_the_runs_of_several_pairs(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import summarize_runs
+    finally:
+        sys.path.pop(0)
+    a = _report(tmp_path, "a", 3, {"nin": (0.9, 1.2), "vgg": (1.1, 1.0)})
+    b = _report(tmp_path, "b", 3, {"nin": (1.6, 1.2)})
+    one_pair = _report(tmp_path, "c", 1, {"nin": (0.1, 0.1)})
+    runs = summarize_runs.load_runs([a, b, one_pair], min_pairs=3)
+    assert [stem for stem, _ in runs] == ["a", "b"]  # the one-pair run is left out
+    table = summarize_runs.summarize(runs)
+    geo, lo, hi, at_least_1, n = table["nin"]["train"]
+    assert math.isclose(geo, 1.2) and (lo, hi, at_least_1, n) == (0.9, 1.6, 1, 2)
+    assert table["vgg"]["inference"] == (1.0, 1.0, 1.0, 1, 1)
+    assert summarize_runs.main([str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "| nin | 1.20 [0.90-1.60], 1/2 | 1.20 [1.20-1.20], 2/2 | 50% [50-50%] |" in out
+    # no qualifying run, and a file that is not a report: clear errors, non-zero exits
+    assert summarize_runs.main([str(one_pair)]) == 1
+    assert "pairs of worker processes" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    assert summarize_runs.main([str(tmp_path / "bad.json")]) == 2
+    assert "not a bench_vs_torch.py results file" in capsys.readouterr().err
