@@ -73,7 +73,7 @@ def markdown(runs, table) -> str:
         for kind, _ in KINDS:
             if kind in row:
                 g, lo, hi, ok, n = row[kind]
-                cells.append(f"{g:.2f} [{lo:.2f}-{hi:.2f}], {ok}/{n}")
+                cells.append(f"{g:.3f} [{lo:.2f}-{hi:.2f}], {ok}/{n}")
             else:
                 cells.append("-")
         if "peak" in row:

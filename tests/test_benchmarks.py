@@ -195,7 +195,7 @@ def test_summarize_runs_pools_the_runs_of_several_pairs(tmp_path, capsys):
     assert table["vgg"]["inference"] == (1.0, 1.0, 1.0, 1, 1)
     assert summarize_runs.main([str(a), str(b)]) == 0
     out = capsys.readouterr().out
-    assert "| nin | 1.20 [0.90-1.60], 1/2 | 1.20 [1.20-1.20], 2/2 | 50% [50-50%] |" in out
+    assert "| nin | 1.200 [0.90-1.60], 1/2 | 1.200 [1.20-1.20], 2/2 | 50% [50-50%] |" in out
     # no qualifying run, and a file that is not a report: clear errors, non-zero exits
     assert summarize_runs.main([str(one_pair)]) == 1
     assert "pairs of worker processes" in capsys.readouterr().err
