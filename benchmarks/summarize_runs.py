@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-KINDS = (("train", "training"), ("inference", "inference"))
+# (row kind, the key of bench_vs_torch's per-network summary)
+KEYS = (("train", "train_jax_over_torch_best"), ("inference", "inference_jax_over_torch_best"),
+        ("peak", "train_fraction_of_gemm_peak"))
 
 
 def load_runs(paths, min_pairs: int) -> list[tuple[str, dict]]:
@@ -35,8 +37,9 @@ def load_runs(paths, min_pairs: int) -> list[tuple[str, dict]]:
             results, summary = report["results"], report["summary"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a bench_vs_torch.py results file ({e})") from e
-        if results and all(len(r.get("by_process", ())) >= min_pairs for r in results):
-            runs.append((path.stem, {"summary": summary, "report": report}))
+        if summary and results and all(len(r.get("by_process", ())) >= min_pairs
+                                       for r in results):
+            runs.append((path.stem, report))
     return runs
 
 
@@ -45,42 +48,36 @@ def summarize(runs) -> dict:
     the network, kind in train / inference / peak (the fraction of the GEMM peak in training)."""
     out: dict[str, dict] = {}
     networks = []
-    for _, run in runs:
-        networks += [n for n in run["summary"] if n not in networks]
+    for _, report in runs:
+        networks += [n for n in report["summary"] if n not in networks]
     for net in networks:
         row = {}
-        for kind, key in (("train", "train_jax_over_torch_best"),
-                          ("inference", "inference_jax_over_torch_best"),
-                          ("peak", "train_fraction_of_gemm_peak")):
-            vals = [run["summary"][net][key] for _, run in runs
-                    if net in run["summary"] and run["summary"][net].get(key)]
+        for kind, key in KEYS:
+            vals = [report["summary"][net][key] for _, report in runs
+                    if report["summary"].get(net, {}).get(key)]
             if vals:
-                geo = math.exp(sum(map(math.log, vals)) / len(vals))
-                row[kind] = (geo, min(vals), max(vals), sum(v >= 1 for v in vals), len(vals))
+                row[kind] = (statistics.geometric_mean(vals), min(vals), max(vals),
+                             sum(v >= 1 for v in vals), len(vals))
         out[net] = row
     return out
 
 
 def markdown(runs, table) -> str:
     lines = ["Runs: " + "; ".join(
-        f"`{stem}` ({run['report'].get('date', '?')}, commit "
-        f"{run['report'].get('machine', {}).get('git_commit', '?')})" for stem, run in runs), "",
+        f"`{stem}` ({report.get('date', '?')}, commit "
+        f"{report.get('machine', {}).get('git_commit', '?')})" for stem, report in runs), "",
         "| network | JAX / best torch, training: geometric mean [min-max], runs >= 1 "
         "| inference | % of the GEMM peak in training: geometric mean [min-max] |",
         "|---|---|---|---|"]
     for net, row in table.items():
         cells = []
-        for kind, _ in KINDS:
-            if kind in row:
-                g, lo, hi, ok, n = row[kind]
-                cells.append(f"{g:.3f} [{lo:.2f}-{hi:.2f}], {ok}/{n}")
-            else:
+        for kind, _ in KEYS:
+            if kind not in row:
                 cells.append("-")
-        if "peak" in row:
-            g, lo, hi, _, _ = row["peak"]
-            cells.append(f"{100 * g:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}%]")
-        else:
-            cells.append("-")
+                continue
+            g, lo, hi, ok, n = row[kind]
+            cells.append(f"{g:.3f} [{lo:.2f}-{hi:.2f}], {ok}/{n}" if kind != "peak"
+                         else f"{100 * g:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}%]")
         lines.append(f"| {net} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
