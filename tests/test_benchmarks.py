@@ -3,6 +3,7 @@ process of its own, both trained from the same ported weights on the same batch.
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,14 @@ def test_bench_vs_torch_runs_each_framework_in_its_own_worker(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_vs_torch.py"), "--networks",
            "lenet_bn", "--torch-modes", "eager", "--rounds", "3", "--processes", "2",
            "--iters", "1", "--no-memory", "--out-dir", str(tmp_path), "--name", "smoke"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    # A persistent compilation cache the user gave JAX (writing every program) stays unused:
+    # the compile times are cold.
+    jax_cache = tmp_path / "jax-cache"
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(jax_cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not jax_cache.exists() or not any(jax_cache.iterdir())
     report = json.loads((tmp_path / "smoke.json").read_text())
     (result,) = report["results"]
     assert result["processes"] == "one per framework, 2 pairs"
