@@ -289,18 +289,21 @@ def setup_frameworks(device, threads):
 
 
 def fresh_inductor_cache() -> str:
-    """Point torch.compile's on-disk cache at a new directory for this run, for the workers to
+    """Point torch.compile's on-disk caches at a new directory for this run, for the workers to
     inherit; removed at exit. Inductor otherwise loads the kernels an earlier run compiled (its
     default, /tmp/torchinductor_$USER, outlives the run), and its "compile time" is a load:
-    1.6-4.4 s here against 17-101 s cold. The pairs after the first reuse this run's kernels;
-    only the first pair's compile times are reported."""
+    1.4-4.7 s here against 10-195 s cold. TMPDIR too, for the parts inductor keeps in the default
+    directory whatever TORCHINDUCTOR_CACHE_DIR says (its precompiled header; pad_mm's choices
+    on a GPU), and Triton's kernels go under it. The pairs after the first reuse this run's
+    kernels; only the first pair's compile times are reported."""
     import atexit
     import shutil
     import tempfile
 
     path = tempfile.mkdtemp(prefix="bench-torchinductor-")
     atexit.register(shutil.rmtree, path, ignore_errors=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ["TMPDIR"] = path
+    os.environ.pop("TRITON_CACHE_DIR", None)
     return path
 
 
@@ -415,11 +418,12 @@ def memory_child(name, mode, batch, side, device, threads, dtype="float32"):
     rng = np.random.default_rng(0)
     x = rng.random((batch, side, side, 1), np.float32)
     y = rng.integers(0, 10, batch).astype(np.int32)
-    import jax  # noqa: F401
+    import jax
     import torch
 
     from flaxcnn import torch_ref
 
+    jax.config.update("jax_enable_compilation_cache", False)  # as setup_frameworks
     if device == "cpu":
         jax.numpy.zeros(1).block_until_ready()  # the backend's own memory is not the network's
     base = harness.rss_mib()
