@@ -16,14 +16,17 @@ if "FLAXCNN_COMPILATION_CACHE" not in os.environ:
     _OWN_CACHE = tempfile.mkdtemp(prefix="flaxcnn-tests-xla-")
     os.environ["FLAXCNN_COMPILATION_CACHE"] = _OWN_CACHE
     atexit.register(shutil.rmtree, _OWN_CACHE, ignore_errors=True)
-_cache = os.environ["FLAXCNN_COMPILATION_CACHE"]
-if _cache.strip().lower() not in ("off", "0", "none", "false", "no", ""):
-    # the tests' own processes too (JAX reads these when it is imported, after this file)
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser(_cache))
-    # a size limit turns on JAX's file lock, which the concurrent processes need
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-
+_cache = os.environ["FLAXCNN_COMPILATION_CACHE"].strip()
+if _cache.lower() in ("off", "0", "none", "false", "no", ""):
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+elif _cache.lower() not in ("on", "1", "true", "yes", "auto", "default"):  # a directory
+    _cache = os.environ["FLAXCNN_COMPILATION_CACHE"] = os.path.abspath(os.path.expanduser(_cache))
+    # the tests' own processes too (JAX reads these when it is imported, after this file), with
+    # flaxcnn's limits (compilation_cache.enable); a size limit also turns on the file lock that
+    # concurrent processes need
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2 << 30)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.05"
 
 def pytest_collection_modifyitems(items):
     """Tests marked slow first (a stable sort): pytest-xdist hands tests out in this order, so

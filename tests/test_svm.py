@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache.compilation_cache import reset_cache
 from sklearn import svm as sk
 from sklearn.datasets import make_classification, make_regression
 from sklearn.metrics.pairwise import pairwise_kernels
@@ -834,6 +835,7 @@ def test_fit_compiles_the_solver_and_nothing_else(grid):
 
     cache_was = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    reset_cache()  # JAX decides whether to use the cache once per process, unless reset
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
         model = svm.SVC(C=10).fit(x, y)
@@ -842,6 +844,7 @@ def test_fit_compiles_the_solver_and_nothing_else(grid):
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
         jax.config.update("jax_enable_compilation_cache", cache_was)
+        reset_cache()
     assert (model._grid is not None) == grid
     assert fit == ["jit(_solve)"]
     assert compiled[len(fit):] == ["jit(_decision_chunk)"]
