@@ -11,11 +11,12 @@ import tempfile
 # directory each run, removed at the end, so no run depends on an earlier one; the tests of the
 # cache itself give their own directories. Set FLAXCNN_COMPILATION_CACHE yourself to keep a
 # cache across runs (a directory) or to compile everything from scratch (off).
-_OWN_CACHE = None
+# The off/on words and the limits are flaxcnn.compilation_cache's (OFF, ON, MAX_BYTES,
+# MIN_COMPILE_SECONDS), written out: importing flaxcnn here would put its XLA_FLAGS defaults into
+# the environment of every process the tests start.
 if "FLAXCNN_COMPILATION_CACHE" not in os.environ:
-    _OWN_CACHE = tempfile.mkdtemp(prefix="flaxcnn-tests-xla-")
-    os.environ["FLAXCNN_COMPILATION_CACHE"] = _OWN_CACHE
-    atexit.register(shutil.rmtree, _OWN_CACHE, ignore_errors=True)
+    _own = os.environ["FLAXCNN_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="flaxcnn-tests-xla-")
+    atexit.register(shutil.rmtree, _own, ignore_errors=True)
 _cache = os.environ["FLAXCNN_COMPILATION_CACHE"].strip()
 if _cache.lower() in ("off", "0", "none", "false", "no", ""):
     os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
