@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_variables
 from jax import lax
 
 from flaxcnn import onednn
@@ -188,8 +189,7 @@ def test_models_take_onednn_on_cpu_only():
     from flaxcnn import models
 
     model = models.create("resnet18")
-    variables = jax.jit(partial(model.init, train=False))(jax.random.key(0),
-                                                          jnp.zeros((1, 32, 32, 1)))
+    variables = random_variables(model, (1, 32, 32, 1))
 
     def loss(params, x):
         v = {"params": params, "batch_stats": variables["batch_stats"]}
@@ -223,7 +223,7 @@ def test_googlenet_trains_its_inception_blocks_on_xla_and_infers_them_on_onednn(
 
     model = models.create("googlenet")
     x = jax.random.uniform(jax.random.key(1), (2, 96, 96, 1))
-    variables = jax.jit(partial(model.init, train=False))(jax.random.key(0), x)
+    variables = random_variables(model, x.shape)
     grad = jax.jit(jax.grad(lambda p, x: model.apply({"params": p}, x, train=True).sum()))
     hlo = grad.lower(variables["params"], x).compile().as_text()
     counts = {"forward": 0, "forward_bias_relu": 3, "backward_data": 2, "backward_weights": 3}
@@ -253,8 +253,7 @@ def test_one_channel_first_layers():
     # LeNet: both of its 2 layers; VGG: 7 of its 8, not the first (with their ReLUs)
     for name, side, expected in (("lenet_bn", 28, 2), ("vgg", 224, 7)):
         model = models.create(name)
-        variables = jax.jit(partial(model.init, train=False))(
-            jax.random.key(0), jnp.zeros((1, side, side, 1)))
+        variables = random_variables(model, (1, side, side, 1))
         hlo = jax.jit(partial(model.apply, train=False)).lower(
             variables, jnp.zeros((2, side, side, 1))).compile().as_text()
         assert hlo.count('custom_call_target="flaxcnn_onednn_conv_forward') == expected, name
@@ -295,8 +294,7 @@ def test_xla_forward_convolutions_stay_out_of_ynnpack_fusions():
     from flaxcnn import models
 
     model = models.create("resnet18")
-    variables = jax.jit(partial(model.init, train=False))(jax.random.key(0),
-                                                          jnp.zeros((1, 96, 96, 1)))
+    variables = random_variables(model, (1, 96, 96, 1))
     hlo = jax.jit(partial(model.apply, train=False)).lower(
         variables, jnp.zeros((2, 96, 96, 1))).compile().as_text()
     bodies = _ynn_fusion_bodies(hlo)
@@ -441,7 +439,7 @@ def test_conv_then_relu_runs_as_one_call(monkeypatch):
     for name, side, calls in (("nin", 67, 12), ("alexnet", 65, 5)):
         model = models.create(name)
         x = jax.random.uniform(jax.random.key(1), (2, side, side, 1))
-        variables = jax.jit(partial(model.init, train=False))(jax.random.key(0), x)
+        variables = random_variables(model, x.shape)
         if name == "nin":
             assert set(variables["params"]["Sequential_0"]) == {"layers_0", "layers_2",
                                                                "layers_4"}

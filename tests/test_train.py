@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -201,8 +202,9 @@ def test_precise_bn_statistics_are_the_batch_statistics(small_batch):
         model = models.create(name)
         state = training.create_train_state(model, jax.random.key(1), 28, training.sgd(1.0))
         stats = training.batch_statistics(state, x)
-        _, inter = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x,
-                               train=True, mutable=["batch_stats", "intermediates"])
+        _, inter = jax.jit(partial(model.apply, train=True,
+                                   mutable=["batch_stats", "intermediates"]))(
+            {"params": state.params, "batch_stats": state.batch_stats}, x)
         conv = inter["intermediates"]["00:Conv2d:Conv_0"][0]
         np.testing.assert_allclose(stats[bn][mean_key], conv.mean((0, 1, 2)), rtol=1e-5,
                                    atol=1e-6)
