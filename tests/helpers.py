@@ -5,12 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def abstract_variables(model, shape):
+    """`model`'s variables for a float32 input of `shape`, as shapes and dtypes only: lowering,
+    exporting or counting parameters needs no values, and computing them compiles the
+    initialisation (GoogLeNet's alone took 21.5 s here)."""
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+
+
 def random_variables(model, shape, seed=0):
     """Random variables of `model`'s structure for an input of `shape`, without running (and
-    compiling) its init: GoogLeNet's compiled initialisation alone took 20 s here, and a test
-    of layers or paths needs any values of the right shapes, not the book's."""
-    x = jax.ShapeDtypeStruct(shape, jnp.float32)
-    abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    compiling) its init: a test of layers or paths needs any values of the right shapes, not
+    the book's."""
+    abstract = abstract_variables(model, shape)
     rng = np.random.default_rng(seed)
 
     def fill(path, a):

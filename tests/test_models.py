@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_variables
+from helpers import abstract_variables, random_variables
 
 from flaxcnn import models
 
@@ -218,8 +218,7 @@ def test_same_names():
 def test_param_counts(name):
     side = torch_ref.book_side(name)
     model = models.create(name)
-    x = jax.ShapeDtypeStruct((1, side, side, 1), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    variables = abstract_variables(model, (1, side, side, 1))
     assert models.count_params(variables["params"]) == PARAM_COUNTS[name]
     with torch.device("meta"):
         net = torch_ref.create(name, init=False)
@@ -264,9 +263,7 @@ def test_bad_input_raises(name):
     model = models.create(name)
     side = torch_ref.book_side(name)
 
-    def init(shape):
-        x = jax.ShapeDtypeStruct(shape, jnp.float32)
-        return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    init = partial(abstract_variables, model)
 
     with pytest.raises(ValueError, match=r"rank 4 \(N, H, W, 1\), got shape \(28, 28, 1\)"):
         init((28, 28, 1))

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import abstract_variables
 
 from flaxcnn import ops
 
@@ -27,16 +28,16 @@ def torch_pool(x, k, s, p, g):
     return (y.detach().permute(0, 2, 3, 1).numpy(), xt.grad.permute(0, 2, 3, 1).numpy())
 
 
-@partial(jax.jit, static_argnums=(1, 2, 3))
-def _pool_and_grad(x, k, s, p, g):
-    y, vjp = jax.vjp(lambda x: ops.max_pool(x, k, s, p), x)
+@partial(jax.jit, static_argnums=(0, 2, 3, 4))
+def pool_and_grad(pool, x, k, s, p, g):
+    """pool(x, k, s, p) and the gradient of sum(out * g), jitted as the networks run it (op by
+    op, the pools' window terms took 5-7x as long to compile)."""
+    y, vjp = jax.vjp(lambda x: pool(x, k, s, p), x)
     return y, vjp(g)[0]
 
 
 def jax_pool(x, k, s, p, g):
-    """ops.max_pool's output and the gradient of sum(out * g), jitted as the networks run it
-    (op by op, its window terms took 5-7x as long to compile)."""
-    return tuple(np.asarray(a) for a in _pool_and_grad(x, k, s, p, g))
+    return tuple(np.asarray(a) for a in pool_and_grad(ops.max_pool, x, k, s, p, g))
 
 
 def inputs(kind, shape, seed):
@@ -181,12 +182,6 @@ def test_max_pool_tuple_arguments_and_errors():
         ops.max_pool(jnp.zeros((1, 4, 4, 1), jnp.int32), 2, 2)
 
 
-@partial(jax.jit, static_argnums=(1, 2, 3))
-def _avg_pool_and_grad(x, k, s, p, g):
-    y, vjp = jax.vjp(lambda x: ops.avg_pool(x, k, s, p), x)
-    return y, vjp(g)[0]
-
-
 @pytest.mark.parametrize("ksp", [(2, 2, 0), (3, 3, 1), (3, 2, 1), (2, 1, 0)], ids=str)
 @pytest.mark.parametrize("shape", [(2, 24, 24, 6), (2, 9, 8, 3), (3, 7, 7, 2)], ids=str)
 def test_avg_pool_matches_torch(ksp, shape):
@@ -197,7 +192,8 @@ def test_avg_pool_matches_torch(ksp, shape):
     yt = F.avg_pool2d(xt, k, s, p)
     gt = torch.randn(yt.shape, generator=torch.Generator().manual_seed(2))
     yt.backward(gt)
-    y, dx = _avg_pool_and_grad(jnp.asarray(x), k, s, p, jnp.asarray(gt.permute(0, 2, 3, 1).numpy()))
+    y, dx = pool_and_grad(ops.avg_pool, jnp.asarray(x), k, s, p,
+                          jnp.asarray(gt.permute(0, 2, 3, 1).numpy()))
     y_ref, dx_ref = yt.detach().permute(0, 2, 3, 1).numpy(), xt.grad.permute(0, 2, 3, 1).numpy()
     if (k, s, p) == (2, 2, 0):
         # The networks' pool (LeNet, DenseNet): same additions in the same order, bit for bit.
@@ -282,13 +278,6 @@ def test_conv_1x1_matches_xla_convolution(shape, o):
     np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-4)
 
 
-def abstract_variables(model, side):
-    """The model's variables as shapes: exporting a program needs no values (an initialisation
-    run op by op took up to 20 s here)."""
-    x = jax.ShapeDtypeStruct((1, side, side, 1), jnp.float32)
-    return jax.eval_shape(partial(model.init, train=False), jax.random.key(0), x)
-
-
 def exported_counts(fn, args, op):
     """How often `op` occurs in fn's exported program for each of cpu, cuda and tpu (the
     CPU-only paths are chosen by `platform_dependent` when a program is lowered)."""
@@ -313,7 +302,7 @@ def test_nin_1x1_kernel_gradients_only_on_cpu(xla_convolutions):
     from flaxcnn import models
 
     model = models.create("nin", dropout_rate=0.0)
-    variables = abstract_variables(model, 224)
+    variables = abstract_variables(model, (1, 224, 224, 1))
     grad = jax.jit(jax.grad(lambda p, x: model.apply({"params": p}, x, train=True).sum()))
     x = jnp.zeros((1, 224, 224, 1))
     convs = exported_counts(grad, (variables["params"], x), "stablehlo.convolution")
@@ -331,7 +320,7 @@ def test_googlenet_convolutions_keep_their_operands_on_cpu(xla_convolutions):
 
     block = Inception(256, (160, 320), (32, 128), 128, conv=partial(Conv, onednn=False))
     x = jnp.zeros((2, 3, 3, 832))
-    params = jax.jit(block.init)(jax.random.key(0), x)
+    params = abstract_variables(block, x.shape)
     grad = jax.jit(jax.grad(lambda p, x: block.apply(p, x).sum(), (0, 1)))
     hlo = grad.lower(params, x).compile().as_text()
     assert "convolution(" in hlo and "01fb_o01i" not in hlo
@@ -343,7 +332,7 @@ def test_few_channel_input_gradient_only_on_cpu(xla_convolutions):
     from flaxcnn import models
 
     model = models.create("lenet_bn")
-    variables = abstract_variables(model, 28)
+    variables = abstract_variables(model, (1, 28, 28, 1))
 
     def loss(params, batch_stats, x):
         v = {"params": params, "batch_stats": batch_stats}
@@ -363,7 +352,7 @@ def test_one_channel_convolution_only_on_cpu(xla_convolutions):
     from flaxcnn import models
 
     model = models.create("lenet_bn")
-    variables = abstract_variables(model, 28)
+    variables = abstract_variables(model, (1, 28, 28, 1))
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
     x = jnp.zeros((2, 28, 28, 1))
     convs = exported_counts(apply, (variables, x), "stablehlo.convolution")
