@@ -8,7 +8,8 @@ better from several runs, on several CPUs, than from the latest alone.
 By default it takes the results files in benchmarks/results whose networks ran in at least
 `--min-pairs` pairs of fresh worker processes (the method since commit 958cfac), and prints, per
 network, the geometric mean of the ratios, their range, and in how many runs JAX was at least as
-fast; the same for the fraction of the GEMM peak in training.
+fast; the same for the fraction of the GEMM peak in training. Runs at different batches are
+kept apart (a row per network and batch).
 """
 
 from __future__ import annotations
@@ -43,22 +44,33 @@ def load_runs(paths, min_pairs: int) -> list[tuple[str, dict]]:
     return runs
 
 
+def _batches(report) -> dict:
+    """{network: the batch it ran at} in one results file (None where not recorded)."""
+    return {r["network"]: r.get("batch") for r in report["results"] if "network" in r}
+
+
 def summarize(runs) -> dict:
-    """{network: {kind: (geometric mean, min, max, runs >= 1, runs)}} over the runs that have
-    the network, kind in train / inference / peak (the fraction of the GEMM peak in training)."""
-    out: dict[str, dict] = {}
-    networks = []
+    """{row: {kind: (geometric mean, min, max, runs >= 1, runs)}} over the runs that have the
+    row's network at the row's batch, kind in train / inference / peak (the fraction of the GEMM
+    peak in training). A row is the network's name; where the runs hold a network at more than
+    one batch (`bench_vs_torch.py --batch 128`, the book's), one row per batch, "name, batch B":
+    the ratios of different batches are not pooled."""
+    groups: dict[tuple, list] = {}  # (network, batch) -> the summaries of the runs that have it
     for _, report in runs:
-        networks += [n for n in report["summary"] if n not in networks]
-    for net in networks:
+        batches = _batches(report)
+        for net, summary in report["summary"].items():
+            groups.setdefault((net, batches.get(net)), []).append(summary)
+    seen = [net for net, _ in groups]
+    out: dict[str, dict] = {}
+    for (net, batch), summaries in sorted(groups.items(), key=lambda g: (
+            seen.index(g[0][0]), g[0][1] is None, g[0][1] or 0)):
         row = {}
         for kind, key in KEYS:
-            vals = [report["summary"][net][key] for _, report in runs
-                    if report["summary"].get(net, {}).get(key)]
+            vals = [summary[key] for summary in summaries if summary.get(key)]
             if vals:
                 row[kind] = (statistics.geometric_mean(vals), min(vals), max(vals),
                              sum(v >= 1 for v in vals), len(vals))
-        out[net] = row
+        out[net if seen.count(net) == 1 else f"{net}, batch {batch}"] = row
     return out
 
 

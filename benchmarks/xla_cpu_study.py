@@ -57,6 +57,7 @@ CONFIGS = {
     # Variations around the chosen default ("R": YNNPACK for dots and reductions only, and
     # flaxcnn's pooling).
     "R+pool (default)": (RED, True, "step"),
+    "R (XLA's pooling)": (RED, False, "step"),
     "R+ynn-dot-fusions+pool": ({YNN: f"{LIB}INDIVIDUAL_DOT,{LIB}DOT,{LIB}REDUCE"}, True, "step"),
     "R+onednn-dot+pool": (
         {**RED, "xla_cpu_use_onednn": True,

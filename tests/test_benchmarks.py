@@ -174,10 +174,11 @@ def test_paired_ratios_pair_each_round():
     assert (p["rounds_at_least_1"], p["n"]) == (2, 3)
 
 
-def _report(tmp_path, name, pairs, ratios):
+def _report(tmp_path, name, pairs, ratios, batch=32):
     """A results file as bench_vs_torch.py writes it, reduced to what summarize_runs reads."""
     report = {"date": "2026-12-02 12:50 UTC", "machine": {"git_commit": "abc1234"},
-              "results": [{"network": n, "by_process": [{}] * pairs} for n in ratios],
+              "results": [{"network": n, "batch": batch, "by_process": [{}] * pairs}
+                          for n in ratios],
               "summary": {n: {"train_jax_over_torch_best": t, "inference_jax_over_torch_best": i,
                               "train_fraction_of_gemm_peak": 0.5} for n, (t, i) in ratios.items()}}
     path = tmp_path / f"{name}.json"
@@ -209,3 +210,21 @@ def test_summarize_runs_pools_the_runs_of_several_pairs(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{}")
     assert summarize_runs.main([str(tmp_path / "bad.json")]) == 2
     assert "not a bench_vs_torch.py results file" in capsys.readouterr().err
+
+
+def test_summarize_runs_keeps_batches_apart(tmp_path):
+    """A run at the book's batch (--batch 128) is not pooled with the runs at 32: a row each."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import summarize_runs
+    finally:
+        sys.path.pop(0)
+    a = _report(tmp_path, "a", 3, {"nin": (0.9, 1.2), "vgg": (1.1, 1.0)})
+    b = _report(tmp_path, "b", 3, {"nin": (1.6, 1.2)})
+    book = _report(tmp_path, "book", 3, {"nin": (2.0, 0.5)}, batch=128)
+    table = summarize_runs.summarize(summarize_runs.load_runs([a, book, b], min_pairs=3))
+    assert list(table) == ["nin, batch 32", "nin, batch 128", "vgg"]
+    geo, lo, hi, at_least_1, n = table["nin, batch 32"]["train"]
+    assert math.isclose(geo, 1.2) and (lo, hi, at_least_1, n) == (0.9, 1.6, 1, 2)
+    geo, lo, hi, at_least_1, n = table["nin, batch 128"]["inference"]
+    assert math.isclose(geo, 0.5) and (lo, hi, at_least_1, n) == (0.5, 0.5, 0, 1)
