@@ -60,17 +60,17 @@ def summarize(runs) -> dict:
         batches = _batches(report)
         for net, summary in report["summary"].items():
             groups.setdefault((net, batches.get(net)), []).append(summary)
-    seen = [net for net, _ in groups]
+    order = [net for net, _ in groups]  # first seen first; a network's batches ascending
     out: dict[str, dict] = {}
-    for (net, batch), summaries in sorted(groups.items(), key=lambda g: (
-            seen.index(g[0][0]), g[0][1] is None, g[0][1] or 0)):
+    for (net, batch), summaries in sorted(
+            groups.items(), key=lambda g: (order.index(g[0][0]), g[0][1] or 0)):
         row = {}
         for kind, key in KEYS:
             vals = [summary[key] for summary in summaries if summary.get(key)]
             if vals:
                 row[kind] = (statistics.geometric_mean(vals), min(vals), max(vals),
                              sum(v >= 1 for v in vals), len(vals))
-        out[net if seen.count(net) == 1 else f"{net}, batch {batch}"] = row
+        out[net if order.count(net) == 1 else f"{net}, batch {batch}"] = row
     return out
 
 

@@ -1,6 +1,7 @@
 """benchmarks/bench_vs_torch.py end to end, on the smallest network: each framework in a worker
 process of its own, both trained from the same ported weights on the same batch."""
 
+import importlib
 import json
 import math
 import os
@@ -11,6 +12,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _benchmark_module(name):
+    """A script of benchmarks/ imported as a module (they import each other from there)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 @pytest.mark.slow
@@ -69,8 +79,7 @@ def test_bench_vs_torch_runs_each_framework_in_its_own_worker(tmp_path):
     (["--rounds", "0"], "--rounds must be at least 1, not 0"),
 ])
 def test_bench_vs_torch_refuses_bad_pair_counts(argv, message, capsys):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_vs_torch import main
+    main = _benchmark_module("bench_vs_torch").main
 
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -94,8 +103,7 @@ class _Runner:
 def _fake_pairs(monkeypatch, pairs):
     """`bench_network` on stand-in workers: pair i has the runners (and errors) `pairs[i]`;
     returns the torch modes each pair was asked for."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import bench_vs_torch
+    bench_vs_torch = _benchmark_module("bench_vs_torch")
 
     asked = []
     info = {"compile_s": {"jax_train": 1.0, "jax_inference": 0.5}, "port_diff": 0.0,
@@ -142,8 +150,7 @@ def test_bench_network_stops_when_a_mode_fails_in_a_later_pair(monkeypatch):
 
 
 def test_interleave_goes_on_rotating_from_start():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import harness
+    harness = _benchmark_module("harness")
 
     order = []
     runners = {m: (lambda m=m: order.append(m) or 1.0) for m in "abc"}
@@ -152,8 +159,7 @@ def test_interleave_goes_on_rotating_from_start():
 
 
 def test_markdown_of_a_one_pair_run_has_no_pair_table():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_vs_torch import markdown
+    markdown = _benchmark_module("bench_vs_torch").markdown
 
     old = json.loads((ROOT / "benchmarks" / "results"
                       / "cpu-amd-epyc-f25m17-2t-e9f403b.json").read_text())
@@ -163,8 +169,7 @@ def test_markdown_of_a_one_pair_run_has_no_pair_table():
 
 
 def test_paired_ratios_pair_each_round():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_vs_torch import paired_ratios
+    paired_ratios = _benchmark_module("bench_vs_torch").paired_ratios
 
     # seconds per sample; round 2 is a slow phase of the host for both runners
     samples = {"jax": [1.0, 2.0, 1.0], "eager": [1.1, 2.2, 0.9], "compile": [5.0, 5.0, 5.0]}
@@ -187,11 +192,7 @@ def _report(tmp_path, name, pairs, ratios, batch=32):
 
 
 def test_summarize_runs_pools_the_runs_of_several_pairs(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import summarize_runs
-    finally:
-        sys.path.pop(0)
+    summarize_runs = _benchmark_module("summarize_runs")
     a = _report(tmp_path, "a", 3, {"nin": (0.9, 1.2), "vgg": (1.1, 1.0)})
     b = _report(tmp_path, "b", 3, {"nin": (1.6, 1.2)})
     one_pair = _report(tmp_path, "c", 1, {"nin": (0.1, 0.1)})
@@ -214,11 +215,7 @@ def test_summarize_runs_pools_the_runs_of_several_pairs(tmp_path, capsys):
 
 def test_summarize_runs_keeps_batches_apart(tmp_path):
     """A run at the book's batch (--batch 128) is not pooled with the runs at 32: a row each."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import summarize_runs
-    finally:
-        sys.path.pop(0)
+    summarize_runs = _benchmark_module("summarize_runs")
     a = _report(tmp_path, "a", 3, {"nin": (0.9, 1.2), "vgg": (1.1, 1.0)})
     b = _report(tmp_path, "b", 3, {"nin": (1.6, 1.2)})
     book = _report(tmp_path, "book", 3, {"nin": (2.0, 0.5)}, batch=128)
