@@ -11,6 +11,7 @@ model is built:
     python benchmarks/layer_choice_ab.py --arms default onednn-prefix --onednn-prefix /opt/dnnl
     python benchmarks/layer_choice_ab.py --networks lenet_bn densenet --arms default onednn-openmp
     python benchmarks/layer_choice_ab.py --networks nin --arms default relu-after --eval
+    python benchmarks/layer_choice_ab.py --arms default xla-max-pool --batch 128
 
 `--eval` times the eval-mode forward pass (`training.eval_step`) instead of the training step.
 """
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import harness
 
+# Each arm: the attributes it sets, of flaxcnn.models.layers ("name") or of another flaxcnn
+# module ("module.name"), before the step is traced (`apply_arm`).
 ARMS = {
     "default": {},
     "all-onednn": {"_ONEDNN_OPT_OUTS": False},  # oneDNN in GoogLeNet's Inception blocks too
@@ -43,15 +46,30 @@ ARMS = {
     "dot1x1": {},
     # the default choices with another oneDNN build (--onednn-prefix; onednn.PREFIX_ENV)
     "onednn-prefix": {},
-    # oneDNN's calls on its own (OpenMP) threads, not split over XLA's pool (onednn.XLA_POOL)
-    "onednn-openmp": {},
+    # oneDNN's calls on its own (OpenMP) threads, not split over XLA's pool
+    "onednn-openmp": {"onednn.XLA_POOL": False},
     # GoogLeNet's Inception blocks on XLA's convolutions in inference too (before 2026-12-01)
     "xla-opt-outs-inference": {"_ONEDNN_INFERENCE_IN_OPT_OUTS": False},
     # each Conv's bias and ReLU added by XLA after oneDNN's convolution, not inside it (before
     # 2026-12-01; onednn.conv_relu)
     "relu-after": {"_ONEDNN_RELU": False},
+    # the training max-pools on XLA's ops, not flaxcnn's kernels (before 2026-12-03)
+    "xla-max-pool": {"ops._NATIVE_MAX_POOL": False},
 }
 _PREFIX = "FLAXCNN_AB_ONEDNN_PREFIX"  # --onednn-prefix, for the children of that arm
+
+
+def apply_arm(arm: str):
+    """Sets `arm`'s attributes (`ARMS`); returns a function that restores them."""
+    import importlib
+
+    saved = []
+    for key, value in ARMS[arm].items():
+        module, _, name = key.rpartition(".")
+        target = importlib.import_module(f"flaxcnn.{module}" if module else "flaxcnn.models.layers")
+        saved.append((target, name, getattr(target, name)))
+        setattr(target, name, value)
+    return lambda: [setattr(*s) for s in reversed(saved)]
 
 
 def _dot_1x1(layers):
@@ -83,12 +101,9 @@ def child(network: str, arm: str, batch: int, steps: int, samples: int, evaluate
 
     from flaxcnn.models import layers
 
-    for k, v in ARMS[arm].items():
-        setattr(layers, k, v)
+    apply_arm(arm)
     if arm == "dot1x1":
         _dot_1x1(layers)
-    if arm == "onednn-openmp":
-        onednn.XLA_POOL = False
     step, state, x, y = harness.compiled_train_step(network, batch)
     if evaluate:
         from flaxcnn import training

@@ -85,6 +85,7 @@ CONFIGS = {
     "infer: R+pool+xlastem": (RED, True, "infer", "xlastem"),
     "infer: R+pool+xlaconv": (RED, True, "infer", "xlaconv"),
     "R+pool+poolfuse": (RED, True, "step", "poolfuse"),
+    "R+pool+xlamaxpool": (RED, True, "step", "xlamaxpool"),
     "R+pool+convfew": (RED, True, "step", "convfew"),
     "R+pool+conv1ch-fused": (RED, True, "step", "conv1ch-fused"),
     "R+pool+convswap": (RED, True, "step", "convswap"),
@@ -184,6 +185,8 @@ def build(name, batch, side, config, k_scan):
         "conv1x1": {"conv_1x1": lambda x, kernel: xla_conv(x, kernel, 1, 0)},
         "conv1ch-fused": {"_one_channel_output": lambda y: y},
         "poolfuse": {"_pool_input": lambda x: x},
+        # the training max-pools on XLA's ops (ops._max_pool_bwd_xla), not flaxcnn's kernels
+        "xlamaxpool": {"_NATIVE_MAX_POOL": False},
         # BatchNorm2d's training pass differentiated by JAX, as flax.linen.BatchNorm's is
         "bnvjp": {"batch_norm": ops.batch_norm_autodiff},
         # flax.linen.BatchNorm itself in ResNet and DenseNet (the previous default)

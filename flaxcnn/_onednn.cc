@@ -519,6 +519,253 @@ auto BiasBinding() {  // (x, w, b) -> y
       .Attr<int64_t>("check_finite");
 }
 
+// ------------------------------------------------------------------------------------------
+// Max pooling for training (flaxcnn.ops.max_pool on a CPU): PyTorch's semantics, not oneDNN's
+// (whose pooling does not let a NaN replace the maximum). The forward pass writes each output's
+// maximum and the window offset it came from (int8, row-major in the window); the backward pass
+// reads them back in one pass over the input gradient. XLA's ops for the same (ops.py: k*k
+// compares and selects, then k*k masked, shifted sums) read and write the maps several times, and
+// at batch 128 GoogLeNet's max-pools took ~15% of its training step (benchmarks/xla_cpu_study.md).
+//
+// The argmax is PyTorch's: the window's first element (row-major, padding skipped) unless a
+// later one is strictly greater or NaN. Each input element gathers its gradient from the
+// outputs whose window it lies in, in output order, the order in which PyTorch's kernel adds
+// them, so the sums are bit for bit PyTorch's. NHWC, float32; the channels run innermost, eight
+// at a time where the CPU has AVX2.
+
+struct PoolShape {
+  int64_t n, h, w, c, ho, wo, kh, kw, sh, sw, ph, pw;
+};
+
+#define FLAXCNN_INLINE __attribute__((always_inline)) inline
+
+// The real elements (padding skipped) of output (r, ow)'s window, row-major: where each is in
+// x (`at`) and its offset in the window. Returns how many; r counts the n * ho output rows.
+FLAXCNN_INLINE int64_t WindowOf(const float* x, const PoolShape& s, int64_t r, int64_t ow,
+                                const float** at, int32_t* offset) {
+  const int64_t n = r / s.ho, i0 = (r % s.ho) * s.sh - s.ph, j0 = ow * s.sw - s.pw;
+  int64_t m = 0;
+  for (int64_t di = std::max<int64_t>(0, -i0); di < std::min(s.kh, s.h - i0); ++di) {
+    for (int64_t dj = std::max<int64_t>(0, -j0); dj < std::min(s.kw, s.w - j0); ++dj, ++m) {
+      at[m] = x + ((n * s.h + i0 + di) * s.w + j0 + dj) * s.c;
+      offset[m] = static_cast<int32_t>(di * s.kw + dj);
+    }
+  }
+  return m;
+}
+
+// The outputs whose windows hold input element (r, j), in output order: where each is in the
+// output (`from`, an element index) and the element's offset in its window. Returns how many;
+// r counts the n * h input rows.
+FLAXCNN_INLINE int64_t OutputsOf(const PoolShape& s, int64_t r, int64_t j, int64_t* from,
+                                 int32_t* offset) {
+  // output o's window holds t where o * st - p <= t <= o * st - p + k - 1
+  auto first = [](int64_t t, int64_t k, int64_t st, int64_t p) {
+    const int64_t a = t + p - k + 1;
+    return a <= 0 ? int64_t{0} : (a + st - 1) / st;
+  };
+  const int64_t n = r / s.h, i = r % s.h;
+  const int64_t oh1 = std::min(s.ho - 1, (i + s.ph) / s.sh);
+  const int64_t ow1 = std::min(s.wo - 1, (j + s.pw) / s.sw);
+  int64_t m = 0;
+  for (int64_t oh = first(i, s.kh, s.sh, s.ph); oh <= oh1; ++oh) {
+    for (int64_t ow = first(j, s.kw, s.sw, s.pw); ow <= ow1; ++ow, ++m) {
+      from[m] = ((n * s.ho + oh) * s.wo + ow) * s.c;
+      offset[m] = static_cast<int32_t>((i + s.ph - oh * s.sh) * s.kw + (j + s.pw - ow * s.sw));
+    }
+  }
+  return m;
+}
+
+// Channel q of one output: the maximum over its window's m elements and the maximum's offset.
+FLAXCNN_INLINE void MaxAt(const float* const* at, const int32_t* offset, int64_t m, int64_t q,
+                          float* yo, int8_t* io) {
+  float best = at[0][q];
+  int32_t arg = offset[0];
+  for (int64_t t = 1; t < m; ++t) {
+    const float v = at[t][q];
+    if (v > best || v != v) best = v, arg = offset[t];
+  }
+  yo[q] = best;
+  io[q] = static_cast<int8_t>(arg);
+}
+
+// Channel q of one input element: the sum of the gradients of the outputs whose maximum it is.
+FLAXCNN_INLINE float GatherAt(const float* g, const int8_t* idx, const int64_t* from,
+                              const int32_t* offset, int64_t m, int64_t q) {
+  float sum = 0.f;
+  for (int64_t t = 0; t < m; ++t) sum += idx[from[t] + q] == offset[t] ? g[from[t] + q] : 0.f;
+  return sum;
+}
+
+// Output rows [r0, r1) of the n * ho, one channel at a time (what a CPU without AVX2 runs).
+void MaxPoolForwardRows(const float* x, float* y, int8_t* idx, const PoolShape& s, int64_t r0,
+                        int64_t r1) {
+  std::vector<const float*> at(s.kh * s.kw);
+  std::vector<int32_t> offset(s.kh * s.kw);
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t ow = 0; ow < s.wo; ++ow) {
+      const int64_t m = WindowOf(x, s, r, ow, at.data(), offset.data()), o = (r * s.wo + ow) * s.c;
+      for (int64_t q = 0; q < s.c; ++q) MaxAt(at.data(), offset.data(), m, q, y + o, idx + o);
+    }
+  }
+}
+
+// Input rows [r0, r1) of the n * h: each element's gradient, gathered from its windows.
+void MaxPoolBackwardRows(const float* g, const int8_t* idx, float* dx, const PoolShape& s,
+                         int64_t r0, int64_t r1) {
+  std::vector<int64_t> from(s.kh * s.kw);
+  std::vector<int32_t> offset(s.kh * s.kw);
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t j = 0; j < s.w; ++j) {
+      const int64_t m = OutputsOf(s, r, j, from.data(), offset.data());
+      float* d = dx + (r * s.w + j) * s.c;
+      for (int64_t q = 0; q < s.c; ++q) d[q] = GatherAt(g, idx, from.data(), offset.data(), m, q);
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FLAXCNN_AVX2 1
+
+// The same, eight channels at a time in AVX2's registers (the remainder one at a time): a
+// block's maxima, offsets or sums stay in registers while the window is read, written once.
+__attribute__((target("avx2"))) void MaxPoolForwardRowsAvx2(const float* x, float* y,
+                                                            int8_t* idx, const PoolShape& s,
+                                                            int64_t r0, int64_t r1) {
+  std::vector<const float*> at(s.kh * s.kw);
+  std::vector<int32_t> offset(s.kh * s.kw);
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t ow = 0; ow < s.wo; ++ow) {
+      const int64_t m = WindowOf(x, s, r, ow, at.data(), offset.data()), o = (r * s.wo + ow) * s.c;
+      int64_t q = 0;
+      for (; q + 8 <= s.c; q += 8) {
+        __m256 best = _mm256_loadu_ps(at[0] + q);
+        __m256 arg = _mm256_castsi256_ps(_mm256_set1_epi32(offset[0]));
+        for (int64_t t = 1; t < m; ++t) {
+          const __m256 v = _mm256_loadu_ps(at[t] + q);
+          const __m256 take = _mm256_or_ps(_mm256_cmp_ps(v, best, _CMP_GT_OQ),
+                                           _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+          best = _mm256_blendv_ps(best, v, take);
+          arg = _mm256_blendv_ps(arg, _mm256_castsi256_ps(_mm256_set1_epi32(offset[t])), take);
+        }
+        _mm256_storeu_ps(y + o + q, best);
+        const __m256i a = _mm256_castps_si256(arg);  // 8 int32 -> 8 int8
+        const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(a),
+                                              _mm256_extracti128_si256(a, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(idx + o + q), _mm_packs_epi16(words, words));
+      }
+      for (; q < s.c; ++q) MaxAt(at.data(), offset.data(), m, q, y + o, idx + o);
+    }
+  }
+}
+
+__attribute__((target("avx2"))) void MaxPoolBackwardRowsAvx2(const float* g, const int8_t* idx,
+                                                             float* dx, const PoolShape& s,
+                                                             int64_t r0, int64_t r1) {
+  std::vector<int64_t> from(s.kh * s.kw);
+  std::vector<int32_t> offset(s.kh * s.kw);
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t j = 0; j < s.w; ++j) {
+      const int64_t m = OutputsOf(s, r, j, from.data(), offset.data());
+      float* d = dx + (r * s.w + j) * s.c;
+      int64_t q = 0;
+      for (; q + 8 <= s.c; q += 8) {
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t t = 0; t < m; ++t) {
+          const __m256i arg = _mm256_cvtepi8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(idx + from[t] + q)));
+          const __m256i mine = _mm256_cmpeq_epi32(arg, _mm256_set1_epi32(offset[t]));
+          sum = _mm256_add_ps(sum, _mm256_and_ps(_mm256_castsi256_ps(mine),
+                                                 _mm256_loadu_ps(g + from[t] + q)));
+        }
+        _mm256_storeu_ps(d + q, sum);
+      }
+      for (; q < s.c; ++q) d[q] = GatherAt(g, idx, from.data(), offset.data(), m, q);
+    }
+  }
+}
+#endif
+
+// Whether the AVX2 loops run: where the CPU has AVX2, unless `simd` is 0 (tests of the others).
+bool UseAvx2(int64_t simd) {
+#ifdef FLAXCNN_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  return avx2 && simd != 0;
+#else
+  return false;
+#endif
+}
+
+// rows(r0, r1) over [0, rows), in one contiguous part per thread of XLA's pool.
+void SplitRows(ffi::ThreadPool* pool, int64_t rows, const std::function<void(int64_t, int64_t)>& fn) {
+  const int parts = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>(pool == nullptr ? 1 : pool->num_threads(), rows)));
+  ParallelFor(pool, parts, [&](int p) { fn(rows * p / parts, rows * (p + 1) / parts); });
+}
+
+std::optional<PoolShape> MakePoolShape(ffi::Span<const int64_t> in, ffi::Span<const int64_t> out,
+                                       int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                                       int64_t pw) {
+  if (in.size() != 4 || out.size() != 4 || in[0] != out[0] || in[3] != out[3]) return {};
+  PoolShape s{in[0], in[1], in[2], in[3], out[1], out[2], kh, kw, sh, sw, ph, pw};
+  // every window holds an input element (2p <= k); the offsets fit an int8
+  if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0 || 2 * ph > kh || 2 * pw > kw ||
+      kh * kw > 127 || s.ho != (s.h + 2 * ph - kh) / sh + 1 || s.wo != (s.w + 2 * pw - kw) / sw + 1 ||
+      s.ho < 1 || s.wo < 1) {
+    return {};
+  }
+  return s;
+}
+
+ffi::Error MaxPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::S8> idx,
+                          int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                          int64_t simd) {
+  auto s = MakePoolShape(x.dimensions(), y->dimensions(), kh, kw, sh, sw, ph, pw);
+  if (!s) return ffi::Error::InvalidArgument("flaxcnn max-pool: inconsistent shapes or window");
+  try {
+    SplitRows(&pool, s->n * s->ho, [&](int64_t r0, int64_t r1) {
+      auto rows = UseAvx2(simd) ? MaxPoolForwardRowsAvx2 : MaxPoolForwardRows;
+      rows(x.typed_data(), y->typed_data(), idx->typed_data(), *s, r0, r1);
+    });
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("flaxcnn max-pool: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error MaxPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S8> idx,
+                           ffi::ResultBuffer<ffi::F32> dx, int64_t kh, int64_t kw, int64_t sh,
+                           int64_t sw, int64_t ph, int64_t pw, int64_t simd) {
+  auto s = MakePoolShape(dx->dimensions(), g.dimensions(), kh, kw, sh, sw, ph, pw);
+  if (!s || idx.element_count() != g.element_count()) {
+    return ffi::Error::InvalidArgument("flaxcnn max-pool: inconsistent shapes or window");
+  }
+  try {
+    SplitRows(&pool, s->n * s->h, [&](int64_t r0, int64_t r1) {
+      auto rows = UseAvx2(simd) ? MaxPoolBackwardRowsAvx2 : MaxPoolBackwardRows;
+      rows(g.typed_data(), idx.typed_data(), dx->typed_data(), *s, r0, r1);
+    });
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("flaxcnn max-pool: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+template <typename B>
+auto WithWindow(B args) {
+  return std::move(args)
+      .template Attr<int64_t>("kh")
+      .template Attr<int64_t>("kw")
+      .template Attr<int64_t>("sh")
+      .template Attr<int64_t>("sw")
+      .template Attr<int64_t>("ph")
+      .template Attr<int64_t>("pw")
+      .template Attr<int64_t>("simd");
+}
+
 }  // namespace
 
 // How many calls so far split their batch over XLA's pool (onednn.split_calls).
@@ -530,3 +777,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnConvForward, Forward, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnConvForwardBiasRelu, ForwardBiasRelu, BiasBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnConvBackwardData, BackwardData, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnConvBackwardWeights, BackwardWeights, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnMaxPoolForward, MaxPoolForward,
+                              WithWindow(ffi::Ffi::Bind()
+                                             .Ctx<ffi::ThreadPool>()
+                                             .Arg<ffi::Buffer<ffi::F32>>()
+                                             .Ret<ffi::Buffer<ffi::F32>>()
+                                             .Ret<ffi::Buffer<ffi::S8>>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnMaxPoolBackward, MaxPoolBackward,
+                              WithWindow(ffi::Ffi::Bind()
+                                             .Ctx<ffi::ThreadPool>()
+                                             .Arg<ffi::Buffer<ffi::F32>>()
+                                             .Arg<ffi::Buffer<ffi::S8>>()
+                                             .Ret<ffi::Buffer<ffi::F32>>()));

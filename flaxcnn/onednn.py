@@ -6,7 +6,9 @@ networks' layers, and its kernel gradients read transposed copies of both operan
 (Debian: `apt-get install libdnnl-dev`) once per machine (native.py), into
 `~/.cache/flaxcnn/onednn` (or `$FLAXCNN_CACHE_DIR/onednn`), loads it and registers four CPU
 custom calls; `conv` is a differentiable convolution built on them, `conv_relu` the same with
-its bias and ReLU applied inside oneDNN's forward pass.
+its bias and ReLU applied inside oneDNN's forward pass. The same library holds two kernels of
+flaxcnn's own for the max-pool's training passes (`max_pool_with_argmax`, `max_pool_backward`;
+`ops.max_pool` takes them on a CPU).
 
 `FLAXCNN_ONEDNN_PREFIX` names another oneDNN installation (its `include/` and `lib/`, e.g. one
 built from source) to compile and link against instead of the system's.
@@ -39,6 +41,8 @@ TARGETS = {  # custom-call target -> handler symbol in _onednn.cc
     "flaxcnn_onednn_conv_forward_bias_relu": "FlaxcnnConvForwardBiasRelu",
     "flaxcnn_onednn_conv_backward_data": "FlaxcnnConvBackwardData",
     "flaxcnn_onednn_conv_backward_weights": "FlaxcnnConvBackwardWeights",
+    "flaxcnn_max_pool_forward": "FlaxcnnMaxPoolForward",
+    "flaxcnn_max_pool_backward": "FlaxcnnMaxPoolBackward",
 }
 _HEADER_DIRS = ("/usr/include", "/usr/local/include", sys.prefix + "/include")
 
@@ -265,6 +269,43 @@ def _conv_xla_forward_fwd(x, kernel, strides, padding):
 
 
 conv_xla_forward.defvjp(_conv_xla_forward_fwd, _conv_bwd)
+
+
+# Whether the max-pool kernels take their AVX2 loops where the CPU has AVX2 (False: one channel
+# at a time, as on a CPU without; for tests). Read when a step is traced.
+MAX_POOL_SIMD = True
+
+
+def _window_attrs(window, strides, padding):
+    (kh, kw), (sh, sw), (ph, pw) = window, strides, padding
+    return {k: np.int64(v) for k, v in dict(kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw,
+                                            simd=MAX_POOL_SIMD).items()}
+
+
+def max_pool_with_argmax(x, window, strides, padding):
+    """The max-pool of float32 NHWC `x` (`ops.max_pool`'s values) and, for each output, the
+    offset of its maximum in the window (int8, row-major), by `_onednn.cc`'s kernel (not
+    oneDNN's: PyTorch's choice among ties and NaNs). `window`, `strides`, `padding`: (h, w)
+    pairs, symmetric padding; at most 127 window elements. Not differentiable itself: the
+    forward pass of `ops.max_pool`'s gradient on a CPU."""
+    _require()
+    n, c = x.shape[0], x.shape[3]
+    ho, wo = ops._out_hw(x.shape[1:3], window, strides, padding)
+    outs = (jax.ShapeDtypeStruct((n, ho, wo, c), jnp.float32),
+            jax.ShapeDtypeStruct((n, ho, wo, c), jnp.int8))
+    return jax.ffi.ffi_call("flaxcnn_max_pool_forward", outs, vmap_method="sequential")(
+        x, **_window_attrs(window, strides, padding))
+
+
+def max_pool_backward(g, argmax, in_hw, window, strides, padding):
+    """The max-pool's input gradient from the outputs' gradient `g` and `max_pool_with_argmax`'s
+    offsets: each output's gradient goes whole to its window's maximum, summed in PyTorch's
+    order (bit for bit its channels-last kernel's)."""
+    _require()
+    n, c = g.shape[0], g.shape[3]
+    out = jax.ShapeDtypeStruct((n, *in_hw, c), jnp.float32)
+    return jax.ffi.ffi_call("flaxcnn_max_pool_backward", out, vmap_method="sequential")(
+        g, argmax, **_window_attrs(window, strides, padding))
 
 
 if __name__ == "__main__":  # what .ci/setup runs: build now, say whether it worked, never fail

@@ -13,6 +13,13 @@ strictly greater one or a NaN), and routes the whole incoming gradient to that o
 gradients are put back by stride phase: for stride s the input splits into s*s interleaved
 sub-grids, each of which receives a sum of shifted output-sized arrays, so no scatter and no
 interior padding is needed. `avg_pool` sums the same slices and spreads g / k^2 back the same way.
+
+On a CPU, where flaxcnn's C++ kernels are built (`onednn.available()`), the differentiated
+float32 max-pool takes them instead (`onednn.max_pool_with_argmax`, `onednn.max_pool_backward`):
+the forward pass keeps each window's argmax (int8) and the backward pass reads it back, each in
+one pass over memory, and adds the routed gradients in PyTorch's order (bit for bit its
+gradient). XLA's ops above read and write the maps several times: at the book's batch (128) the
+max-pools took ~15% of GoogLeNet's step (benchmarks/xla_cpu_study.md).
 """
 
 from functools import partial
@@ -81,8 +88,34 @@ def _max_pool(x, window, strides, padding):
     return _max_of_slices(x, window, strides, padding, separate=True)
 
 
+# Differentiated float32 max-pools on a CPU take flaxcnn's own kernels where they are built
+# (`onednn.max_pool_with_argmax`, `onednn.max_pool_backward`): the forward pass keeps each
+# window's argmax, the backward pass reads it back in one pass. False: XLA's ops everywhere.
+_NATIVE_MAX_POOL = True
+
+
+def _native_max_pool(x, window):
+    if not (_NATIVE_MAX_POOL and x.dtype == jnp.float32 and window[0] * window[1] <= 127
+            and jax.default_backend() == "cpu"):
+        return None
+    from flaxcnn import onednn  # (it imports this module)
+
+    return onednn if onednn.available() else None
+
+
 def _max_pool_fwd(x, window, strides, padding):
-    return _max_of_slices(x, window, strides, padding), x
+    native = _native_max_pool(x, window)
+    if native is None:
+        return _max_of_slices(x, window, strides, padding), x
+
+    def xla(x):  # (off the CPU, where the argmax is never read and XLA drops it)
+        y = _max_of_slices(x, window, strides, padding)
+        return y, jnp.zeros(y.shape, jnp.int8)
+
+    y, argmax = lax.platform_dependent(
+        x, cpu=partial(native.max_pool_with_argmax, window=window, strides=strides,
+                       padding=padding), default=xla)
+    return y, (x, argmax)
 
 
 def _out_hw(in_hw, window, strides, padding):
@@ -194,7 +227,20 @@ def _valid_offsets(window, strides, padding, in_hw, out_hw):
     return out
 
 
-def _max_pool_bwd(window, strides, padding, x, g):
+def _max_pool_bwd(window, strides, padding, res, g):
+    if not isinstance(res, tuple):
+        return _max_pool_bwd_xla(window, strides, padding, res, g)
+    from flaxcnn import onednn  # flaxcnn's kernels on a CPU (`_max_pool_fwd`)
+
+    x, argmax = res
+    return (lax.platform_dependent(
+        g, argmax, x,
+        cpu=lambda g, argmax, x: onednn.max_pool_backward(g, argmax, x.shape[1:3], window,
+                                                          strides, padding),
+        default=lambda g, argmax, x: _max_pool_bwd_xla(window, strides, padding, x, g)[0]),)
+
+
+def _max_pool_bwd_xla(window, strides, padding, x, g):
     """Routes each output's gradient to its window's argmax, chosen as PyTorch's kernels do:
     the first real element (row-major) starts as the maximum and a later one replaces it only
     if strictly greater or NaN. The argmax is recomputed from `x` alone, never by comparing

@@ -225,3 +225,18 @@ def test_summarize_runs_keeps_batches_apart(tmp_path):
     assert math.isclose(geo, 1.2) and (lo, hi, at_least_1, n) == (0.9, 1.6, 1, 2)
     geo, lo, hi, at_least_1, n = table["nin, batch 128"]["inference"]
     assert math.isclose(geo, 0.5) and (lo, hi, at_least_1, n) == (0.5, 0.5, 0, 1)
+
+
+def test_paired_ab_times_two_arms_in_pairs_and_restores_them():
+    from flaxcnn import ops
+
+    layer_choice_ab = _benchmark_module("layer_choice_ab")
+    restore = layer_choice_ab.apply_arm("xla-max-pool")
+    assert ops._NATIVE_MAX_POOL is False
+    restore()
+    assert ops._NATIVE_MAX_POOL is True
+    paired = _benchmark_module("paired_ab").paired
+    r = paired("lenet_bn", ["default", "xla-max-pool"], batch=8, pairs=3, steps=1)
+    assert len(r["ratios"]) == 3 and all(x > 0 for x in r["ratios"])
+    assert r["ci95"][0] <= r["median"] <= r["ci95"][1]
+    assert ops._NATIVE_MAX_POOL is True

@@ -28,10 +28,11 @@ def torch_pool(x, k, s, p, g):
     return (y.detach().permute(0, 2, 3, 1).numpy(), xt.grad.permute(0, 2, 3, 1).numpy())
 
 
-@partial(jax.jit, static_argnums=(0, 2, 3, 4))
-def pool_and_grad(pool, x, k, s, p, g):
+@partial(jax.jit, static_argnums=(0, 2, 3, 4, 6))
+def pool_and_grad(pool, x, k, s, p, g, path=None):
     """pool(x, k, s, p) and the gradient of sum(out * g), jitted as the networks run it (op by
-    op, the pools' window terms took 5-7x as long to compile)."""
+    op, the pools' window terms took 5-7x as long to compile). `path` only keys the cache: the
+    implementation the trace took (`max_pool_path`)."""
     y, vjp = jax.vjp(lambda x: pool(x, k, s, p), x)
     return y, vjp(g)[0]
 
@@ -173,6 +174,73 @@ def test_grad_of_jit_and_vmap():
         jax.jit(jax.vmap(lambda x: ops.max_pool(x, 3, 2, 1)))(xs)[1], ops.max_pool(xs[1], 3, 2, 1))
 
 
+@pytest.fixture
+def max_pool_path(request, monkeypatch):
+    """Which implementation `ops.max_pool`'s gradient takes: "kernels" (flaxcnn's CPU kernels,
+    the default on a CPU; "kernels-plain" without their AVX2 loops) or "xla" (XLA's ops, the
+    default elsewhere)."""
+    from flaxcnn import onednn
+
+    path = request.param
+    if path.startswith("kernels") and not onednn.available():
+        pytest.fail(f"flaxcnn's CPU kernels are not built here: {onednn.reason()}")
+    monkeypatch.setattr(ops, "_NATIVE_MAX_POOL", path != "xla")
+    monkeypatch.setattr(onednn, "MAX_POOL_SIMD", path != "kernels-plain")
+    return path
+
+
+@pytest.mark.parametrize("max_pool_path", ["kernels", "kernels-plain", "xla"], indirect=True)
+@pytest.mark.parametrize("ksp", POOLS + [(2, 1, 0), (5, 2, 2)], ids=str)
+def test_max_pool_paths_match_torch(max_pool_path, ksp):
+    """Every path, on channel counts that fill the kernels' 8-lane blocks and leave some over
+    (19 = 2 * 8 + 3), with ties, zero windows and NaNs. The kernels add each element's routed
+    gradients in PyTorch's order, so their gradient is PyTorch's bit for bit."""
+    k, s, p = ksp
+    for c in (8, 19):
+        x = inputs("blocks", (2, 13, 12, c), c)
+        x[0, 5, 6, 1] = x[0, 6, 6, 1] = x[1, 12, 11, c - 1] = x[1, 0, 0, 9 % c] = np.nan
+        n, h, w = x.shape[:3]
+        g = np.random.default_rng(c).standard_normal(
+            (n, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1, c)).astype(np.float32)
+        y_t, dx_t = torch_pool(x, k, s, p, g)
+        y_j, dx_j = (np.asarray(a) for a in pool_and_grad(
+            ops.max_pool, jnp.asarray(x), k, s, p, jnp.asarray(g), max_pool_path))
+        np.testing.assert_array_equal(y_j, y_t)
+        if max_pool_path == "xla":  # the routed gradients summed in another order
+            np.testing.assert_allclose(dx_j, dx_t, rtol=1e-6, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(dx_j, dx_t)
+
+
+@pytest.mark.parametrize("max_pool_path", ["kernels", "xla"], indirect=True)
+def test_max_pool_path_in_the_compiled_step(max_pool_path):
+    """On a CPU the differentiated max-pool is flaxcnn's two kernels (the argmax kept from the
+    forward pass); XLA's ops otherwise. Not differentiated, it stays XLA's, which fuses the
+    pooling into its producer."""
+    x = jnp.zeros((2, 12, 12, 16))
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(ops.max_pool(x, 3, 2, 1))))
+    hlo = grad.lower(x).as_text()
+    kernels = ("flaxcnn_max_pool_forward" in hlo, "flaxcnn_max_pool_backward" in hlo)
+    assert kernels == ((True, True) if max_pool_path == "kernels" else (False, False))
+    assert "flaxcnn_max_pool" not in jax.jit(lambda x: ops.max_pool(x, 3, 2, 1)).lower(x).as_text()
+
+
+@pytest.mark.parametrize("max_pool_path", ["kernels"], indirect=True)
+def test_max_pool_kernels_only_on_cpu(max_pool_path):
+    """Lowered for a GPU or a TPU (an exported program, from this CPU host), the max-pool's
+    gradient is XLA's ops: the kernels are chosen by `platform_dependent`, on a CPU only."""
+    from jax import export
+
+    targets = ("flaxcnn_max_pool_forward", "flaxcnn_max_pool_backward")
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(ops.max_pool(x, 3, 2, 1) ** 2)))
+    x = jnp.zeros((2, 12, 12, 16))
+    checks = [export.DisabledSafetyCheck.custom_call(t) for t in targets]
+    for platform in ("cpu", "cuda", "tpu"):
+        text = export.export(grad, platforms=[platform], disabled_checks=checks)(
+            x).mlir_module()
+        assert all((t in text) == (platform == "cpu") for t in targets), platform
+
+
 def test_max_pool_tuple_arguments_and_errors():
     x = jnp.asarray(inputs("random", (1, 8, 9, 2), 0))
     np.testing.assert_array_equal(ops.max_pool(x, (3, 3), (2, 2), (1, 1)), ops.max_pool(x, 3, 2, 1))
@@ -290,10 +358,12 @@ def exported_counts(fn, args, op):
 @pytest.fixture
 def xla_convolutions(monkeypatch):
     """The models as they compile without oneDNN (not built, or FLAXCNN_NO_ONEDNN): XLA's
-    convolutions and the ops paths for the layers it handles badly."""
+    convolutions and the ops paths for the layers it handles badly, the max-pools on XLA's ops
+    (their kernels are in the same library)."""
     from flaxcnn.models import layers
 
     monkeypatch.setattr(layers, "_ONEDNN", False)
+    monkeypatch.setattr(ops, "_NATIVE_MAX_POOL", False)
 
 
 def test_nin_1x1_kernel_gradients_only_on_cpu(xla_convolutions):
