@@ -62,9 +62,9 @@ def materialize(a):
     return lax.reduce(jnp.stack([a, jnp.zeros_like(a)]), zero, lax.bitwise_or, (0,))
 
 
-def _reduce_max(x, window, strides, padding):
+def _reduce_max(x, window, strides, padding, kernels=False):
     """XLA's own max-pool (`reduce_window`); its gradient is XLA's select-and-scatter. Kept for
-    comparisons (benchmarks/xla_cpu_study.py)."""
+    comparisons (benchmarks/xla_cpu_study.py; in `_max_pool`'s place, `kernels` unused)."""
     (kh, kw), (sh, sw), (ph, pw) = window, strides, padding
     return lax.reduce_window(
         x, -jnp.inf, lax.max, (1, kh, kw, 1), (1, sh, sw, 1),
@@ -82,8 +82,8 @@ def _max_of_slices(x, window, strides, padding, separate=False):
     return y
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool(x, window, strides, padding):
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool(x, window, strides, padding, kernels):
     # not differentiated (inference): each slice padded on its own, see `_window_terms`
     return _max_of_slices(x, window, strides, padding, separate=True)
 
@@ -94,8 +94,8 @@ def _max_pool(x, window, strides, padding):
 _NATIVE_MAX_POOL = True
 
 
-def _native_max_pool(x, window):
-    if not (_NATIVE_MAX_POOL and x.dtype == jnp.float32 and window[0] * window[1] <= 127
+def _native_max_pool(x, window, kernels):
+    if not (_NATIVE_MAX_POOL and kernels and x.dtype == jnp.float32 and window[0] * window[1] <= 127
             and jax.default_backend() == "cpu"):
         return None
     from flaxcnn import onednn  # (it imports this module)
@@ -103,8 +103,8 @@ def _native_max_pool(x, window):
     return onednn if onednn.available() else None
 
 
-def _max_pool_fwd(x, window, strides, padding):
-    native = _native_max_pool(x, window)
+def _max_pool_fwd(x, window, strides, padding, kernels):
+    native = _native_max_pool(x, window, kernels)
     if native is None:
         return _max_of_slices(x, window, strides, padding), x
 
@@ -227,7 +227,7 @@ def _valid_offsets(window, strides, padding, in_hw, out_hw):
     return out
 
 
-def _max_pool_bwd(window, strides, padding, res, g):
+def _max_pool_bwd(window, strides, padding, kernels, res, g):
     if not isinstance(res, tuple):
         return _max_pool_bwd_xla(window, strides, padding, res, g)
     from flaxcnn import onednn  # flaxcnn's kernels on a CPU (`_max_pool_fwd`)
@@ -279,19 +279,23 @@ def _max_pool_bwd_xla(window, strides, padding, x, g):
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-def max_pool(x, kernel_size, strides, padding=0):
+def max_pool(x, kernel_size, strides, padding=0, *, cpu_kernels=True):
     """`nn.MaxPool2d(kernel_size, stride=strides, padding=padding)` on NHWC input.
 
     Values and gradients equal PyTorch's, ties included (see the module docstring). Supports
     `jax.grad`, `jax.vjp`, `jit` and `vmap`; forward-mode differentiation (`jax.jvp`) is not
     defined for the custom gradient.
+
+    cpu_kernels=False keeps XLA's ops on a CPU too: for a pool whose input is elementwise work
+    XLA fuses into the pooling (BatchNorm and ReLU in ResNet's and DenseNet's stem), which the
+    kernels would need written out first (paired: 0.97-0.99x of XLA's ops there).
     """
     window, strides, padding = _pairs(kernel_size), _pairs(strides), _pairs(padding)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"max_pool takes floating-point input, got {x.dtype}")
     if any(2 * p > k for p, k in zip(padding, window, strict=True)):
         raise ValueError(f"padding {padding} must be at most half the kernel size {window}")
-    return _max_pool(x, window, strides, padding)
+    return _max_pool(x, window, strides, padding, bool(cpu_kernels))
 
 
 def _pool_input(x):

@@ -223,6 +223,9 @@ def test_max_pool_path_in_the_compiled_step(max_pool_path):
     kernels = ("flaxcnn_max_pool_forward" in hlo, "flaxcnn_max_pool_backward" in hlo)
     assert kernels == ((True, True) if max_pool_path == "kernels" else (False, False))
     assert "flaxcnn_max_pool" not in jax.jit(lambda x: ops.max_pool(x, 3, 2, 1)).lower(x).as_text()
+    # cpu_kernels=False (ResNet's and DenseNet's stems): XLA's ops, fused with BatchNorm + ReLU
+    opted_out = jax.jit(jax.grad(lambda x: jnp.sum(ops.max_pool(x, 3, 2, 1, cpu_kernels=False))))
+    assert "flaxcnn_max_pool" not in opted_out.lower(x).as_text()
 
 
 @pytest.mark.parametrize("max_pool_path", ["kernels"], indirect=True)

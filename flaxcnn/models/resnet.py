@@ -53,10 +53,12 @@ def resnet_block(num_channels, num_residuals, first_block=False, conv=Conv, norm
 
 
 def stem(conv, norm):
-    """The 7x7 stride-2 convolution and 3x3 stride-2 max-pool that ResNet and DenseNet share."""
+    """The 7x7 stride-2 convolution and 3x3 stride-2 max-pool that ResNet and DenseNet share.
+    The pool keeps XLA's ops on a CPU, which fuse the BatchNorm and ReLU into it
+    (`ops.max_pool`'s cpu_kernels)."""
     return nn.Sequential([
         conv(64, 7, strides=2, padding=3, parent=None), norm(parent=None), nn.relu,
-        partial(max_pool, kernel_size=3, strides=2, padding=1),
+        partial(max_pool, kernel_size=3, strides=2, padding=1, cpu_kernels=False),
     ])
 
 
