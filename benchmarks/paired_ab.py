@@ -29,9 +29,6 @@ def paired(network: str, arms: list[str], batch: int, pairs: int, steps: int, se
     """Per pair, arm B's time over arm A's (> 1: A is faster), each arm `steps` steps."""
     import jax
 
-    from flaxcnn import cpu, recipes
-
-    cpu.dispatch_inline_for([recipes.get(network).side])  # as train.py and bench_vs_torch
     runs = {}
     for arm in arms:
         restore = layer_choice_ab.apply_arm(arm)
@@ -71,6 +68,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=1, help="steps per timed sample")
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
+    from flaxcnn import cpu, recipes
+
+    # as train.py and bench_vs_torch run, before anything starts JAX
+    cpu.dispatch_inline_for([recipes.get(n).side for n in args.networks])
     usable = sorted(set(layer_choice_ab.ARMS) - {"dot1x1", "onednn-prefix"})
     bad = [a for a in args.arms if a not in usable]
     if bad:
