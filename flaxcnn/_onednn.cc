@@ -598,29 +598,49 @@ FLAXCNN_INLINE float GatherAt(const float* g, const int8_t* idx, const int64_t* 
   return sum;
 }
 
-// Output rows [r0, r1) of the n * ho, one channel at a time (what a CPU without AVX2 runs).
+// Channels [0, q) of one output (`MaxAt`'s arguments), or of one input element (`GatherAt`'s
+// and its output d), several at a time; return q, the channels from which the rows' loops go on
+// one at a time. `NoBlocks`: none (a CPU without AVX2).
+using MaxBlocks = int64_t (*)(const float* const* at, const int32_t* offset, int64_t m,
+                              int64_t c, float* yo, int8_t* io);
+using GatherBlocks = int64_t (*)(const float* g, const int8_t* idx, const int64_t* from,
+                                 const int32_t* offset, int64_t m, int64_t c, float* d);
+
+int64_t NoMaxBlocks(const float* const*, const int32_t*, int64_t, int64_t, float*, int8_t*) {
+  return 0;
+}
+int64_t NoGatherBlocks(const float*, const int8_t*, const int64_t*, const int32_t*, int64_t,
+                       int64_t, float*) {
+  return 0;
+}
+
+// Output rows [r0, r1) of the n * ho.
 void MaxPoolForwardRows(const float* x, float* y, int8_t* idx, const PoolShape& s, int64_t r0,
-                        int64_t r1) {
+                        int64_t r1, MaxBlocks blocks) {
   std::vector<const float*> at(s.kh * s.kw);
   std::vector<int32_t> offset(s.kh * s.kw);
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t ow = 0; ow < s.wo; ++ow) {
       const int64_t m = WindowOf(x, s, r, ow, at.data(), offset.data()), o = (r * s.wo + ow) * s.c;
-      for (int64_t q = 0; q < s.c; ++q) MaxAt(at.data(), offset.data(), m, q, y + o, idx + o);
+      for (int64_t q = blocks(at.data(), offset.data(), m, s.c, y + o, idx + o); q < s.c; ++q) {
+        MaxAt(at.data(), offset.data(), m, q, y + o, idx + o);
+      }
     }
   }
 }
 
 // Input rows [r0, r1) of the n * h: each element's gradient, gathered from its windows.
 void MaxPoolBackwardRows(const float* g, const int8_t* idx, float* dx, const PoolShape& s,
-                         int64_t r0, int64_t r1) {
+                         int64_t r0, int64_t r1, GatherBlocks blocks) {
   std::vector<int64_t> from(s.kh * s.kw);
   std::vector<int32_t> offset(s.kh * s.kw);
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t j = 0; j < s.w; ++j) {
       const int64_t m = OutputsOf(s, r, j, from.data(), offset.data());
       float* d = dx + (r * s.w + j) * s.c;
-      for (int64_t q = 0; q < s.c; ++q) d[q] = GatherAt(g, idx, from.data(), offset.data(), m, q);
+      for (int64_t q = blocks(g, idx, from.data(), offset.data(), m, s.c, d); q < s.c; ++q) {
+        d[q] = GatherAt(g, idx, from.data(), offset.data(), m, q);
+      }
     }
   }
 }
@@ -629,63 +649,52 @@ void MaxPoolBackwardRows(const float* g, const int8_t* idx, float* dx, const Poo
 #include <immintrin.h>
 #define FLAXCNN_AVX2 1
 
-// The same, eight channels at a time in AVX2's registers (the remainder one at a time): a
-// block's maxima, offsets or sums stay in registers while the window is read, written once.
-__attribute__((target("avx2"))) void MaxPoolForwardRowsAvx2(const float* x, float* y,
-                                                            int8_t* idx, const PoolShape& s,
-                                                            int64_t r0, int64_t r1) {
-  std::vector<const float*> at(s.kh * s.kw);
-  std::vector<int32_t> offset(s.kh * s.kw);
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t ow = 0; ow < s.wo; ++ow) {
-      const int64_t m = WindowOf(x, s, r, ow, at.data(), offset.data()), o = (r * s.wo + ow) * s.c;
-      int64_t q = 0;
-      for (; q + 8 <= s.c; q += 8) {
-        __m256 best = _mm256_loadu_ps(at[0] + q);
-        __m256 arg = _mm256_castsi256_ps(_mm256_set1_epi32(offset[0]));
-        for (int64_t t = 1; t < m; ++t) {
-          const __m256 v = _mm256_loadu_ps(at[t] + q);
-          const __m256 take = _mm256_or_ps(_mm256_cmp_ps(v, best, _CMP_GT_OQ),
-                                           _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-          best = _mm256_blendv_ps(best, v, take);
-          arg = _mm256_blendv_ps(arg, _mm256_castsi256_ps(_mm256_set1_epi32(offset[t])), take);
-        }
-        _mm256_storeu_ps(y + o + q, best);
-        const __m256i a = _mm256_castps_si256(arg);  // 8 int32 -> 8 int8
-        const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(a),
-                                              _mm256_extracti128_si256(a, 1));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(idx + o + q), _mm_packs_epi16(words, words));
-      }
-      for (; q < s.c; ++q) MaxAt(at.data(), offset.data(), m, q, y + o, idx + o);
+// Eight channels at a time in AVX2's registers: a block's maxima, offsets or sums stay in
+// registers while the window is read, and are written once.
+__attribute__((target("avx2"))) int64_t MaxBlocksAvx2(const float* const* at,
+                                                      const int32_t* offset, int64_t m,
+                                                      int64_t c, float* yo, int8_t* io) {
+  int64_t q = 0;
+  for (; q + 8 <= c; q += 8) {
+    __m256 best = _mm256_loadu_ps(at[0] + q);
+    __m256 arg = _mm256_castsi256_ps(_mm256_set1_epi32(offset[0]));
+    for (int64_t t = 1; t < m; ++t) {
+      const __m256 v = _mm256_loadu_ps(at[t] + q);
+      const __m256 take = _mm256_or_ps(_mm256_cmp_ps(v, best, _CMP_GT_OQ),
+                                       _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      best = _mm256_blendv_ps(best, v, take);
+      arg = _mm256_blendv_ps(arg, _mm256_castsi256_ps(_mm256_set1_epi32(offset[t])), take);
     }
+    _mm256_storeu_ps(yo + q, best);
+    const __m256i a = _mm256_castps_si256(arg);  // 8 int32 -> 8 int8
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(a),
+                                          _mm256_extracti128_si256(a, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(io + q), _mm_packs_epi16(words, words));
   }
+  return q;
 }
 
-__attribute__((target("avx2"))) void MaxPoolBackwardRowsAvx2(const float* g, const int8_t* idx,
-                                                             float* dx, const PoolShape& s,
-                                                             int64_t r0, int64_t r1) {
-  std::vector<int64_t> from(s.kh * s.kw);
-  std::vector<int32_t> offset(s.kh * s.kw);
-  for (int64_t r = r0; r < r1; ++r) {
-    for (int64_t j = 0; j < s.w; ++j) {
-      const int64_t m = OutputsOf(s, r, j, from.data(), offset.data());
-      float* d = dx + (r * s.w + j) * s.c;
-      int64_t q = 0;
-      for (; q + 8 <= s.c; q += 8) {
-        __m256 sum = _mm256_setzero_ps();
-        for (int64_t t = 0; t < m; ++t) {
-          const __m256i arg = _mm256_cvtepi8_epi32(
-              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(idx + from[t] + q)));
-          const __m256i mine = _mm256_cmpeq_epi32(arg, _mm256_set1_epi32(offset[t]));
-          sum = _mm256_add_ps(sum, _mm256_and_ps(_mm256_castsi256_ps(mine),
-                                                 _mm256_loadu_ps(g + from[t] + q)));
-        }
-        _mm256_storeu_ps(d + q, sum);
-      }
-      for (; q < s.c; ++q) d[q] = GatherAt(g, idx, from.data(), offset.data(), m, q);
+__attribute__((target("avx2"))) int64_t GatherBlocksAvx2(const float* g, const int8_t* idx,
+                                                         const int64_t* from,
+                                                         const int32_t* offset, int64_t m,
+                                                         int64_t c, float* d) {
+  int64_t q = 0;
+  for (; q + 8 <= c; q += 8) {
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t t = 0; t < m; ++t) {
+      const __m256i arg = _mm256_cvtepi8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(idx + from[t] + q)));
+      const __m256i mine = _mm256_cmpeq_epi32(arg, _mm256_set1_epi32(offset[t]));
+      sum = _mm256_add_ps(sum, _mm256_and_ps(_mm256_castsi256_ps(mine),
+                                             _mm256_loadu_ps(g + from[t] + q)));
     }
+    _mm256_storeu_ps(d + q, sum);
   }
+  return q;
 }
+#else
+constexpr MaxBlocks MaxBlocksAvx2 = NoMaxBlocks;  // (never chosen: UseAvx2 is false)
+constexpr GatherBlocks GatherBlocksAvx2 = NoGatherBlocks;
 #endif
 
 // Whether the AVX2 loops run: where the CPU has AVX2, unless `simd` is 0 (tests of the others).
@@ -701,7 +710,7 @@ bool UseAvx2(int64_t simd) {
 // rows(r0, r1) over [0, rows), in one contiguous part per thread of XLA's pool.
 void SplitRows(ffi::ThreadPool* pool, int64_t rows, const std::function<void(int64_t, int64_t)>& fn) {
   const int parts = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(pool == nullptr ? 1 : pool->num_threads(), rows)));
+      1, std::min<int64_t>(pool->num_threads(), rows)));
   ParallelFor(pool, parts, [&](int p) { fn(rows * p / parts, rows * (p + 1) / parts); });
 }
 
@@ -727,8 +736,8 @@ ffi::Error MaxPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (!s) return ffi::Error::InvalidArgument("flaxcnn max-pool: inconsistent shapes or window");
   try {
     SplitRows(&pool, s->n * s->ho, [&](int64_t r0, int64_t r1) {
-      auto rows = UseAvx2(simd) ? MaxPoolForwardRowsAvx2 : MaxPoolForwardRows;
-      rows(x.typed_data(), y->typed_data(), idx->typed_data(), *s, r0, r1);
+      MaxPoolForwardRows(x.typed_data(), y->typed_data(), idx->typed_data(), *s, r0, r1,
+                         UseAvx2(simd) ? MaxBlocksAvx2 : NoMaxBlocks);
     });
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("flaxcnn max-pool: ") + e.what());
@@ -745,8 +754,8 @@ ffi::Error MaxPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::B
   }
   try {
     SplitRows(&pool, s->n * s->h, [&](int64_t r0, int64_t r1) {
-      auto rows = UseAvx2(simd) ? MaxPoolBackwardRowsAvx2 : MaxPoolBackwardRows;
-      rows(g.typed_data(), idx.typed_data(), dx->typed_data(), *s, r0, r1);
+      MaxPoolBackwardRows(g.typed_data(), idx.typed_data(), dx->typed_data(), *s, r0, r1,
+                          UseAvx2(simd) ? GatherBlocksAvx2 : NoGatherBlocks);
     });
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("flaxcnn max-pool: ") + e.what());
