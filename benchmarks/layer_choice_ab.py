@@ -32,24 +32,17 @@ import harness
 # module ("module.name"), before the step is traced (`apply_arm`).
 ARMS = {
     "default": {},
-    "all-onednn": {"_ONEDNN_OPT_OUTS": False},  # oneDNN in GoogLeNet's Inception blocks too
     "xla": {"_ONEDNN": False},  # XLA's convolutions (and the ops paths) everywhere
     "min12": {"_ONEDNN_MIN_SIDE": 12},  # oneDNN on maps of 12x12 and more only
     "min24": {"_ONEDNN_MIN_SIDE": 24},
     # oneDNN's forward pass on 3x3 maps too (the default takes XLA's there, oneDNN's gradients)
     "onednn-forward": {"_XLA_FORWARD_MAX_SIDE": 0},
-    # every 1x1 layer that keeps XLA's convolution (GoogLeNet's Inception blocks) with its
-    # kernel gradient as one matrix product (ops.conv_1x1), not only those on 26x26 maps and up
-    # (xla_cpu_study.py's dw1x1)
-    "conv1x1-all": {"_LARGE_1X1": 1},
     # 1x1 stride-1 layers as matrix products (forward and both gradients; YNNPACK's GEMMs)
     "dot1x1": {},
     # the default choices with another oneDNN build (--onednn-prefix; onednn.PREFIX_ENV)
     "onednn-prefix": {},
     # oneDNN's calls on its own (OpenMP) threads, not split over XLA's pool
     "onednn-openmp": {"onednn.XLA_POOL": False},
-    # GoogLeNet's Inception blocks on XLA's convolutions in inference too (before 2026-12-01)
-    "xla-opt-outs-inference": {"_ONEDNN_INFERENCE_IN_OPT_OUTS": False},
     # each Conv's bias and ReLU added by XLA after oneDNN's convolution, not inside it (before
     # 2026-12-01; onednn.conv_relu)
     "relu-after": {"_ONEDNN_RELU": False},
@@ -81,10 +74,10 @@ def _dot_1x1(layers):
 
     choose = layers._cpu_convolution
 
-    def chosen(x, k, strides, padding, use_onednn=True, features=None):
+    def chosen(x, k, strides, padding, features=None):
         if k == 1 and strides == 1 and padding == 0 and x.dtype == jnp.float32:
             return partial(harness.dot_1x1, None, strides=1, padding=0)
-        return choose(x, k, strides, padding, use_onednn, features)
+        return choose(x, k, strides, padding, features)
 
     layers._cpu_convolution = chosen
 
@@ -126,7 +119,7 @@ def child(network: str, arm: str, batch: int, steps: int, samples: int, evaluate
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--networks", nargs="+", default=["googlenet", "resnet18", "densenet"])
-    p.add_argument("--arms", nargs="+", default=["default", "all-onednn", "xla"],
+    p.add_argument("--arms", nargs="+", default=["default", "xla"],
                    choices=list(ARMS))
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3, help="fresh processes per arm")

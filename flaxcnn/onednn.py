@@ -216,40 +216,6 @@ def _conv_relu_bwd(strides, padding, res, g):
 conv_relu.defvjp(_conv_relu_fwd, _conv_relu_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _for_inference(fast, differentiable, *operands):
-    """`fast(*operands)` where it is not differentiated; where it is, `differentiable(*operands)`,
-    forward and backward, exactly as if called directly."""
-    return fast(*operands)
-
-
-def _for_inference_fwd(fast, differentiable, *operands):
-    return jax.vjp(differentiable, *operands)  # (its output, its backward pass: a pytree)
-
-
-def _for_inference_bwd(fast, differentiable, vjp, g):
-    return vjp(g)
-
-
-_for_inference.defvjp(_for_inference_fwd, _for_inference_bwd)
-
-
-def conv_for_inference(x, kernel, strides, padding, differentiable):
-    """`conv` where it is not differentiated (inference); where it is, `differentiable(x,
-    kernel)`, forward and backward, exactly as if called directly: for layers that another
-    convolution trains faster but oneDNN runs faster alone (GoogLeNet's Inception blocks;
-    flaxcnn.models.layers chooses)."""
-    return _for_inference(partial(conv, strides=strides, padding=padding), differentiable,
-                          x, kernel)
-
-
-def conv_relu_for_inference(x, kernel, bias, strides, padding, differentiable):
-    """`conv_relu` where it is not differentiated, `differentiable(x, kernel, bias)` where it is
-    (as `conv_for_inference`)."""
-    return _for_inference(partial(conv_relu, strides=strides, padding=padding), differentiable,
-                          x, kernel, bias)
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_xla_forward(x, kernel, strides, padding):
     """`conv` whose forward pass is XLA's convolution and whose gradients are oneDNN's: where

@@ -212,37 +212,26 @@ def test_models_take_onednn_on_cpu_only():
 
 
 @pytest.mark.slow
-def test_googlenet_trains_its_inception_blocks_on_xla_and_infers_them_on_onednn(monkeypatch):
-    """GoogLeNet on a CPU: in training, oneDNN for the stem and the two layers after it, XLA's
-    convolutions for the 54 in its nine Inception blocks (`layers.Conv(onednn=False)`); in
-    inference, oneDNN for all 57 (`onednn.conv_relu_for_inference`), with the logits of XLA's
-    (the evidence for both in benchmarks/xla_cpu_study.md). Every layer is followed by a ReLU,
-    which oneDNN applies wherever it runs the forward pass."""
+def test_googlenet_runs_every_layer_on_onednn():
+    """GoogLeNet on a CPU: all 57 layers on oneDNN, each with its ReLU inside the call, in
+    training and in inference. Its Inception blocks trained on XLA's convolutions until
+    2026-12-03 (0.89x of oneDNN's speed at batch 128; benchmarks/xla_cpu_study.md)."""
     from flaxcnn import models
-    from flaxcnn.models import layers
 
     model = models.create("googlenet")
     x = jax.random.uniform(jax.random.key(1), (2, 96, 96, 1))
     variables = random_variables(model, x.shape)
     grad = jax.jit(jax.grad(lambda p, x: model.apply({"params": p}, x, train=True).sum()))
     hlo = grad.lower(variables["params"], x).compile().as_text()
-    counts = {"forward": 0, "forward_bias_relu": 3, "backward_data": 2, "backward_weights": 3}
+    # (the stem reads the image: no input gradient)
+    counts = {"forward": 0, "forward_bias_relu": 57, "backward_data": 56, "backward_weights": 57}
     for t, count in counts.items():
         assert hlo.count(f'custom_call_target="flaxcnn_onednn_conv_{t}"') == count, t
-    assert "convolution(" in hlo
-
-    def infer():
-        f = jax.jit(lambda v, x: model.apply(v, x, train=False))
-        return f(variables, x), f.lower(variables, x).compile().as_text()
-
-    fused = 'custom_call_target="flaxcnn_onednn_conv_forward_bias_relu"'
-    logits, hlo = infer()
-    assert hlo.count(fused) == 57
     assert "convolution(" not in hlo
-    monkeypatch.setattr(layers, "_ONEDNN_INFERENCE_IN_OPT_OUTS", False)
-    want, hlo = infer()
-    assert hlo.count(fused) == 3
-    np.testing.assert_allclose(logits, want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    hlo = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
+        variables, x).compile().as_text()
+    assert hlo.count('custom_call_target="flaxcnn_onednn_conv_forward_bias_relu"') == 57
+    assert "convolution(" not in hlo
 
 
 def test_one_channel_first_layers():
@@ -385,8 +374,8 @@ def test_another_onednn_by_prefix(monkeypatch, tmp_path):
 
 
 class _OneDNNInceptions(nn.Module):
-    """Two Inception blocks whose convolutions are all oneDNN's (GoogLeNet itself keeps XLA's
-    there), then a classifier."""
+    """Two small Inception blocks (their convolutions all oneDNN's, as GoogLeNet's), then a
+    classifier."""
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -399,7 +388,7 @@ class _OneDNNInceptions(nn.Module):
 def test_concurrent_convolutions_in_inception_blocks():
     """XLA:CPU runs independent custom calls at the same time (an Inception block's four
     branches), so each call uses its own thread's scratch memory. With oneDNN's shared
-    scratchpad the second training step of GoogLeNet (then all oneDNN) crashed (checked against
+    scratchpad the second training step of GoogLeNet crashed (checked against
     that build; the test bites only where XLA overlaps the branches, as on this 2-core machine).
     Shared scratch memory would also make the steps nondeterministic: the same three steps from
     the same state, run twice, must give the same losses, and learn."""

@@ -391,7 +391,7 @@ def test_googlenet_convolutions_keep_their_operands_on_cpu(xla_convolutions):
     from flaxcnn.models.googlenet import Inception
     from flaxcnn.models.layers import Conv
 
-    block = Inception(256, (160, 320), (32, 128), 128, conv=partial(Conv, onednn=False))
+    block = Inception(256, (160, 320), (32, 128), 128, conv=Conv)
     x = jnp.zeros((2, 3, 3, 832))
     params = abstract_variables(block, x.shape)
     grad = jax.jit(jax.grad(lambda p, x: block.apply(p, x).sum(), (0, 1)))

@@ -58,9 +58,7 @@ class GoogLeNet(nn.Module):
     def __call__(self, x, train: bool = False):
         check_input(x, self.min_side, "GoogLeNet")
         conv = partial(Conv, dtype=self.dtype, parent=None)
-        # XLA's convolutions in the Inception blocks, oneDNN's in the stem (layers.Conv)
-        inception = partial(Inception, conv=partial(Conv, dtype=self.dtype, onednn=False),
-                            parent=None)
+        inception = partial(Inception, conv=partial(Conv, dtype=self.dtype), parent=None)
         pool = partial(max_pool, kernel_size=3, strides=2, padding=1)
         b1 = Sequential([conv(64, 7, strides=2, padding=3), nn.relu, pool])
         b2 = Sequential([

@@ -37,13 +37,7 @@ def torch_bias_init(fan_in: int):
 
 
 class Conv(nn.Module):
-    """`nn.Conv2d(in, features, kernel_size, stride=strides, padding=padding)` on NHWC input.
-
-    `onednn=False` keeps XLA's convolution on a CPU where oneDNN's would otherwise run, in
-    training (GoogLeNet's Inception branches, which XLA runs concurrently: there XLA's own
-    convolutions trained faster, 1.10x against oneDNN's calls on their own OpenMP teams, and
-    still 1.02x since the calls run on XLA's pool). Where the layer is not differentiated,
-    oneDNN's runs (inference 1.02-1.07x faster; benchmarks/xla_cpu_study.md)."""
+    """`nn.Conv2d(in, features, kernel_size, stride=strides, padding=padding)` on NHWC input."""
 
     features: int
     kernel_size: int
@@ -51,7 +45,6 @@ class Conv(nn.Module):
     padding: int = 0
     dtype: Dtype = jnp.float32
     precision: Any = None
-    onednn: bool = True
 
     @nn.compact
     def __call__(self, x, relu: bool = False):
@@ -63,8 +56,8 @@ class Conv(nn.Module):
         bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         conv = partial(ops.conv_nhwc, strides=self.strides, padding=p, precision=self.precision)
-        cpu_conv = _cpu_convolution(x, k, self.strides, p, self.onednn, self.features)
-        fused = relu and _cpu_conv_relu(cpu_conv)
+        cpu_conv = _cpu_convolution(x, k, self.strides, p, self.features)
+        fused = relu and _ONEDNN_RELU and _cpu_conv_relu(cpu_conv)
         # Chosen when the step is compiled: other platforms keep XLA's convolution.
         if fused:
             return jax.lax.platform_dependent(
@@ -124,15 +117,12 @@ _LARGE_1X1 = 26 * 26
 # _ONEDNN_MIN_SIDE: only on maps at least this large (1: all; the study's dnnl6/dnnl12 runs).
 # _ONEDNN_STEMS: the strided stems on one channel (AlexNet's and NiN's 11x11/4, the 7x7/2 of
 # GoogLeNet, ResNet and DenseNet), where XLA's convolution is 1.6-2.7x slower than oneDNN's.
-# _ONEDNN_OPT_OUTS: honour `Conv(onednn=False)` (False: oneDNN there too, for the A/B in
-# benchmarks/layer_choice_ab.py).
+# GoogLeNet's Inception blocks too, whose four branches XLA runs at once: until 2026-12-03 they
+# trained on XLA's convolutions, level with oneDNN's at batch 32 since the max-pool kernels and
+# 0.89x of oneDNN's speed at the book's batch (128; benchmarks/xla_cpu_study.md).
 _ONEDNN = True
 _ONEDNN_MIN_SIDE = 1
 _ONEDNN_STEMS = True
-_ONEDNN_OPT_OUTS = True
-# _ONEDNN_INFERENCE_IN_OPT_OUTS: `Conv(onednn=False)` layers take oneDNN's convolution where they
-# are not differentiated (GoogLeNet's inference 1.02-1.07x, paired; its training keeps XLA's).
-_ONEDNN_INFERENCE_IN_OPT_OUTS = True
 # _ONEDNN_RELU: `Conv(...)(x, relu=True)` on oneDNN's convolution applies the bias and ReLU
 # inside it (`onednn.conv_relu`); False: XLA adds them after, as for `relu=False`.
 _ONEDNN_RELU = True
@@ -168,38 +158,20 @@ def _onednn_conv(x, kernel, relu_bias=None, *, strides, padding):
 
 def _cpu_conv_relu(cpu_conv):
     """(x, kernel, bias) -> relu(convolution + bias) in one oneDNN call, for a layer whose CPU
-    choice (`_cpu_convolution`'s) is oneDNN's convolution (an opt-out layer's: where it is not
-    differentiated); else None."""
-    func = getattr(cpu_conv, "func", None)
-    if not _ONEDNN_RELU or func not in (_onednn_conv, onednn.conv_for_inference):
-        return None
-    if func is _onednn_conv:
-        return cpu_conv
-    kw = cpu_conv.keywords
-    train = kw["differentiable"]
-    return partial(onednn.conv_relu_for_inference, strides=kw["strides"],
-                   padding=kw["padding"], differentiable=lambda x, k, b: nn.relu(train(x, k) + b))
+    choice (`_cpu_convolution`'s) is oneDNN's convolution; else None."""
+    return cpu_conv if getattr(cpu_conv, "func", None) is _onednn_conv else None
 
 
-def _cpu_convolution(x, k: int, strides: int, padding: int, use_onednn: bool = True,
-                     features: int | None = None):
+def _cpu_convolution(x, k: int, strides: int, padding: int, features: int | None = None):
     """The convolutions XLA:CPU handles badly, and what flaxcnn runs instead on a CPU (ops.py,
     onednn.py; the evidence in benchmarks/xla_cpu_study.md), or None for XLA's own."""
     if x.dtype != jnp.float32:
         return None
     # (only where the CPU is JAX's default backend: elsewhere the CPU branch is never lowered,
     # and building the library there would be wasted)
-    here = (min(x.shape[1:3]) >= _ONEDNN_MIN_SIDE and _ONEDNN
+    dnnl = (min(x.shape[1:3]) >= _ONEDNN_MIN_SIDE and _ONEDNN
             and jax.default_backend() == "cpu" and onednn.available())
-    dnnl = here and (use_onednn or not _ONEDNN_OPT_OUTS)
-    chosen = _cpu_choice(x, k, strides, padding, dnnl, features)
-    if here and not dnnl and _ONEDNN_INFERENCE_IN_OPT_OUTS and x.shape[-1] > 1:
-        # an opt-out layer: its choice when differentiated, oneDNN's convolution when not
-        train = chosen or partial(ops.conv_nhwc, strides=strides, padding=padding)
-        (sh, sw), (ph, pw) = ops._pairs(strides), ops._pairs(padding)
-        return partial(onednn.conv_for_inference, strides=(sh, sw),
-                       padding=((ph, ph), (pw, pw)), differentiable=train)
-    return chosen
+    return _cpu_choice(x, k, strides, padding, dnnl, features)
 
 
 def _cpu_choice(x, k, strides, padding, dnnl, features):
