@@ -113,13 +113,12 @@ _LARGE_1X1 = 26 * 26
 
 # oneDNN's convolutions (flaxcnn/onednn.py) for every float32 layer with more than one input
 # channel, and for the strided one-channel stems, when they are built; False keeps XLA's (and
-# the ops paths below) everywhere.
+# the ops paths below) everywhere. GoogLeNet's Inception blocks included: until 2026-12-03 they
+# trained on XLA's convolutions, which XLA runs branch beside branch; since the max-pool kernels
+# those were level with oneDNN's at batch 32 and 0.89x of their speed at the book's 128.
 # _ONEDNN_MIN_SIDE: only on maps at least this large (1: all; the study's dnnl6/dnnl12 runs).
 # _ONEDNN_STEMS: the strided stems on one channel (AlexNet's and NiN's 11x11/4, the 7x7/2 of
 # GoogLeNet, ResNet and DenseNet), where XLA's convolution is 1.6-2.7x slower than oneDNN's.
-# GoogLeNet's Inception blocks too, whose four branches XLA runs at once: until 2026-12-03 they
-# trained on XLA's convolutions, level with oneDNN's at batch 32 since the max-pool kernels and
-# 0.89x of oneDNN's speed at the book's batch (128; benchmarks/xla_cpu_study.md).
 _ONEDNN = True
 _ONEDNN_MIN_SIDE = 1
 _ONEDNN_STEMS = True
