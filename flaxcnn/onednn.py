@@ -132,10 +132,14 @@ def _require():
         raise RuntimeError(f"flaxcnn's oneDNN convolutions are not available: {reason()}")
 
 
+def _int64s(**attrs):
+    """FFI attributes, every one an int64 (the handlers' `Attr<int64_t>`)."""
+    return {k: np.int64(v) for k, v in attrs.items()}
+
+
 def _attrs(strides, padding, **more):
     (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
-    return {k: np.int64(v) for k, v in dict(sh=sh, sw=sw, pt=pt, pb=pb, pl=pl, pr=pr,
-                                            xla_pool=XLA_POOL, **more).items()}
+    return _int64s(sh=sh, sw=sw, pt=pt, pb=pb, pl=pl, pr=pr, xla_pool=XLA_POOL, **more)
 
 
 def _call(target, shape, *operands, strides, padding, **more):
@@ -244,8 +248,7 @@ MAX_POOL_SIMD = True
 
 def _window_attrs(window, strides, padding):
     (kh, kw), (sh, sw), (ph, pw) = window, strides, padding
-    return {k: np.int64(v) for k, v in dict(kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw,
-                                            simd=MAX_POOL_SIMD).items()}
+    return _int64s(kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, simd=MAX_POOL_SIMD)
 
 
 def max_pool_with_argmax(x, window, strides, padding):

@@ -94,18 +94,11 @@ def _max_pool(x, window, strides, padding, kernels):
 _NATIVE_MAX_POOL = True
 
 
-def _native_max_pool(x, window, kernels):
-    if not (_NATIVE_MAX_POOL and kernels and x.dtype == jnp.float32 and window[0] * window[1] <= 127
-            and jax.default_backend() == "cpu"):
-        return None
+def _max_pool_fwd(x, window, strides, padding, kernels):
     from flaxcnn import onednn  # (it imports this module)
 
-    return onednn if onednn.available() else None
-
-
-def _max_pool_fwd(x, window, strides, padding, kernels):
-    native = _native_max_pool(x, window, kernels)
-    if native is None:
+    if not (_NATIVE_MAX_POOL and kernels and x.dtype == jnp.float32 and window[0] * window[1] <= 127
+            and jax.default_backend() == "cpu" and onednn.available()):
         return _max_of_slices(x, window, strides, padding), x
 
     def xla(x):  # (off the CPU, where the argmax is never read and XLA drops it)
@@ -113,7 +106,7 @@ def _max_pool_fwd(x, window, strides, padding, kernels):
         return y, jnp.zeros(y.shape, jnp.int8)
 
     y, argmax = lax.platform_dependent(
-        x, cpu=partial(native.max_pool_with_argmax, window=window, strides=strides,
+        x, cpu=partial(onednn.max_pool_with_argmax, window=window, strides=strides,
                        padding=padding), default=xla)
     return y, (x, argmax)
 
