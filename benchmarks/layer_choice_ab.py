@@ -7,7 +7,7 @@ model is built:
 
     python benchmarks/layer_choice_ab.py --networks googlenet --rounds 3
     python benchmarks/layer_choice_ab.py --networks resnet18 densenet --arms default min12 xla
-    python benchmarks/layer_choice_ab.py --networks resnet18 --arms default onednn-forward --eval
+    python benchmarks/layer_choice_ab.py --networks resnet18 --arms default no-taps --eval
     python benchmarks/layer_choice_ab.py --arms default onednn-prefix --onednn-prefix /opt/dnnl
     python benchmarks/layer_choice_ab.py --networks lenet_bn densenet --arms default onednn-openmp
     python benchmarks/layer_choice_ab.py --networks nin --arms default relu-after --eval
@@ -35,8 +35,9 @@ ARMS = {
     "xla": {"_ONEDNN": False},  # XLA's convolutions (and the ops paths) everywhere
     "min12": {"_ONEDNN_MIN_SIDE": 12},  # oneDNN on maps of 12x12 and more only
     "min24": {"_ONEDNN_MIN_SIDE": 24},
-    # oneDNN's forward pass on 3x3 maps too (the default takes XLA's there, oneDNN's gradients)
-    "onednn-forward": {"_XLA_FORWARD_MAX_SIDE": 0},
+    # oneDNN's convolutions for the many-channel layers on 3x3 maps too, not `ops.conv_taps`
+    # (before 2026-12-03: XLA's forward pass for ResNet-18's 512 -> 512, oneDNN's gradients)
+    "no-taps": {"_TAPS_MAX_SIDE": 0},
     # 1x1 stride-1 layers as matrix products (forward and both gradients; YNNPACK's GEMMs)
     "dot1x1": {},
     # the default choices with another oneDNN build (--onednn-prefix; onednn.PREFIX_ENV)

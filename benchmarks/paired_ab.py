@@ -8,6 +8,7 @@ bootstrap 95% interval. Arms that change the environment (onednn-prefix) or repl
 (dot1x1) are for layer_choice_ab.py only.
 
     python benchmarks/paired_ab.py googlenet --batch 128 --arms default xla-max-pool --pairs 10
+    python benchmarks/paired_ab.py resnet18 --arms default no-taps --eval --pairs 30 --steps 3
 """
 
 from __future__ import annotations
@@ -25,15 +26,23 @@ import harness
 import layer_choice_ab
 
 
-def paired(network: str, arms: list[str], batch: int, pairs: int, steps: int, seed: int = 0):
-    """Per pair, arm B's time over arm A's (> 1: A is faster), each arm `steps` steps."""
+def paired(network: str, arms: list[str], batch: int, pairs: int, steps: int, seed: int = 0,
+           evaluate: bool = False):
+    """Per pair, arm B's time over arm A's (> 1: A is faster), each arm `steps` steps (or, with
+    `evaluate`, calls of `training.eval_step`)."""
     import jax
+
+    from flaxcnn import training
 
     runs = {}
     for arm in arms:
         restore = layer_choice_ab.apply_arm(arm)
         try:  # traced and compiled under the arm's settings
             runs[arm] = list(harness.compiled_train_step(network, batch))
+            if evaluate:
+                step, state, x, y = runs[arm]
+                ev = jax.jit(training.eval_step).lower(state, x, y).compile()
+                runs[arm][0] = lambda state, x, y, ev=ev: (state, ev(state, x, y))
         finally:
             restore()
 
@@ -66,6 +75,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--pairs", type=int, default=16)
     p.add_argument("--steps", type=int, default=1, help="steps per timed sample")
+    p.add_argument("--eval", action="store_true", help="time eval_step, not train_step")
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
     from flaxcnn import cpu, recipes
@@ -81,10 +91,11 @@ def main(argv=None):
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": {}}
     a, b = args.arms
     for net in args.networks:
-        r = paired(net, args.arms, args.batch, args.pairs, args.steps)
+        r = paired(net, args.arms, args.batch, args.pairs, args.steps, evaluate=args.eval)
         out["results"][net] = r
-        print(f"{net} batch {args.batch}: {a}'s speed / {b}'s, median of {args.pairs} pairs: "
-              f"{r['median']:.3f} [95% {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}]", flush=True)
+        what = "inference" if args.eval else "training"
+        print(f"{net} batch {args.batch}, {what}: {a}'s speed / {b}'s, median of {args.pairs} "
+              f"pairs: {r['median']:.3f} [95% {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}]", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
     return 0

@@ -220,27 +220,6 @@ def _conv_relu_bwd(strides, padding, res, g):
 conv_relu.defvjp(_conv_relu_fwd, _conv_relu_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_xla_forward(x, kernel, strides, padding):
-    """`conv` whose forward pass is XLA's convolution and whose gradients are oneDNN's: where
-    this oneDNN's forward kernel is the slower one (flaxcnn.models.layers chooses).
-
-    The output is materialised (`ops.materialize`) so that the convolution stays XLA's own:
-    otherwise, when a matrix product follows through elementwise work only (ResNet-18's last
-    three layers, then the average pool and the linear layer, in eval mode), YNNPACK's dot
-    fusion takes the convolutions into its graph and runs them more slowly (ResNet-18's
-    inference 1.10x faster with the copy; benchmarks/xla_cpu_study.md)."""
-    return ops.materialize(jax.lax.conv_general_dilated(
-        x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")))
-
-
-def _conv_xla_forward_fwd(x, kernel, strides, padding):
-    return conv_xla_forward(x, kernel, strides, padding), (x, kernel)
-
-
-conv_xla_forward.defvjp(_conv_xla_forward_fwd, _conv_bwd)
-
-
 # Whether the max-pool kernels take their AVX2 loops where the CPU has AVX2 (False: one channel
 # at a time, as on a CPU without; for tests). Read when a step is traced.
 MAX_POOL_SIMD = True

@@ -131,23 +131,6 @@ def test_conv_relu_keeps_nan_from_its_parameters_when_differentiated():
     assert jnp.isnan(unfused(nan_input, kernel, bias)).any()
 
 
-def test_conv_relu_on_xla_forward_layers():
-    """A `Conv(relu=True)` layer whose forward pass is XLA's (`conv_xla_forward`: 512 outputs on
-    maps of 3x3 and less) adds the bias and ReLU after it, as `relu=False` and `nn.relu` do."""
-    x = jax.random.normal(jax.random.key(0), (2, 3, 3, 32))
-    conv = layers.Conv(512, 3, padding=1)
-    variables = conv.init(jax.random.key(1), x)
-    fused = jax.jit(lambda v, x: conv.apply(v, x, relu=True))
-    hlo = fused.lower(variables, x).compile().as_text()
-    assert "convolution(" in hlo and "flaxcnn_onednn_conv_forward" not in hlo
-    np.testing.assert_array_equal(fused(variables, x), nn.relu(conv.apply(variables, x)))
-    grad = jax.grad(lambda v, x, relu: jnp.sum(jnp.sin(
-        conv.apply(v, x, relu=True) if relu else nn.relu(conv.apply(v, x)))), argnums=(0, 1))
-    for a, b in zip(jax.tree.leaves(grad(variables, x, True)),
-                    jax.tree.leaves(grad(variables, x, False)), strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(b))))
-
-
 def test_sequential_is_nn_sequential():
     """`layers.Sequential` names, passes arguments and rejects an empty list as `nn.Sequential`
     does, fusing only a `Conv` followed by `nn.relu`."""
@@ -181,9 +164,9 @@ def test_conv_under_vmap_and_second_call_reuses_primitives():
 
 
 def test_models_take_onednn_on_cpu_only():
-    """ResNet-18's gradient: on a CPU every convolution, the strided one-channel stem too, is a
-    oneDNN custom call; CUDA and TPU programs keep XLA's convolutions and hold no custom
-    call."""
+    """ResNet-18's gradient: on a CPU every convolution but the small-map ones, the strided
+    one-channel stem too, is a oneDNN custom call; CUDA and TPU programs keep XLA's
+    convolutions and hold no custom call."""
     from jax import export
 
     from flaxcnn import models
@@ -199,11 +182,11 @@ def test_models_take_onednn_on_cpu_only():
     args = (variables["params"], jnp.zeros((2, 32, 32, 1)))
     text = {p: export.export(jax.jit(jax.grad(loss)), platforms=[p], disabled_checks=checks)(
         *args).mlir_module() for p in ("cpu", "cuda", "tpu")}
-    # 20 convolutions: the stem (forward, kernel gradient) and 19 others (three passes each);
-    # the three stride-1 512 -> 512 layers, on 1x1 maps at this side, forward by XLA
-    # (layers._XLA_FORWARD_MAX_SIDE) and differentiate by oneDNN
-    assert text["cpu"].count("stablehlo.convolution") == 3
-    counts = {"forward": 17, "forward_bias_relu": 0, "backward_data": 19, "backward_weights": 20}
+    # 20 convolutions: the stem (forward, kernel gradient) and 16 others (three passes each);
+    # the three stride-1 512 -> 512 layers, on 1x1 maps at this side, are matrix products
+    # (`ops.conv_taps`, layers._TAPS_MAX_SIDE)
+    assert text["cpu"].count("stablehlo.convolution") == 0
+    counts = {"forward": 17, "forward_bias_relu": 0, "backward_data": 16, "backward_weights": 17}
     for t, count in counts.items():
         assert text["cpu"].count(f"custom_call @flaxcnn_onednn_conv_{t}(") == count, t
     for p in ("cuda", "tpu"):
@@ -212,9 +195,10 @@ def test_models_take_onednn_on_cpu_only():
 
 
 @pytest.mark.slow
-def test_googlenet_runs_every_layer_on_onednn():
-    """GoogLeNet on a CPU: all 57 layers on oneDNN, each with its ReLU inside the call, in
-    training and in inference. Its Inception blocks trained on XLA's convolutions until
+def test_googlenet_runs_its_layers_on_onednn():
+    """GoogLeNet on a CPU: 55 of its 57 layers on oneDNN, each with its ReLU inside the call, in
+    training and in inference; the other two, the last block's 3x3 layers on 3x3 maps, are
+    `ops.conv_taps`'s matrix products. Its Inception blocks trained on XLA's convolutions until
     2026-12-03 (0.89x of oneDNN's speed at batch 128; benchmarks/xla_cpu_study.md)."""
     from flaxcnn import models
 
@@ -224,14 +208,14 @@ def test_googlenet_runs_every_layer_on_onednn():
     grad = jax.jit(jax.grad(lambda p, x: model.apply({"params": p}, x, train=True).sum()))
     hlo = grad.lower(variables["params"], x).compile().as_text()
     # (the stem reads the image: no input gradient)
-    counts = {"forward": 0, "forward_bias_relu": 57, "backward_data": 56, "backward_weights": 57}
+    counts = {"forward": 0, "forward_bias_relu": 55, "backward_data": 54, "backward_weights": 55}
     for t, count in counts.items():
         assert hlo.count(f'custom_call_target="flaxcnn_onednn_conv_{t}"') == count, t
     assert "convolution(" not in hlo
     hlo = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
         variables, x).compile().as_text()
-    assert hlo.count('custom_call_target="flaxcnn_onednn_conv_forward_bias_relu"') == 57
-    assert "convolution(" not in hlo
+    assert hlo.count('custom_call_target="flaxcnn_onednn_conv_forward_bias_relu"') == 55
+    assert "convolution(" not in hlo and hlo.count(" dot(") == 2 * 9 + 1  # and the linear layer
 
 
 def test_one_channel_first_layers():
@@ -248,38 +232,19 @@ def test_one_channel_first_layers():
         assert hlo.count('custom_call_target="flaxcnn_onednn_conv_forward') == expected, name
 
 
-def test_xla_forward_with_onednn_gradients():
-    """`conv_xla_forward` (ResNet's 512 -> 512 layers on 3x3 maps): XLA's forward pass and
-    oneDNN's gradients, equal to `conv`'s within float32 rounding."""
-    x = jax.random.normal(jax.random.key(0), (3, 3, 3, 96))
-    k = jax.random.normal(jax.random.key(1), (3, 3, 96, 128)) * 0.05
-    g = jax.random.normal(jax.random.key(2), (3, 3, 3, 128))
-    args = ((1, 1), ((1, 1), (1, 1)))
-    got, vjp_got = jax.vjp(lambda x, k: onednn.conv_xla_forward(x, k, *args), x, k)
-    want, vjp_want = jax.vjp(lambda x, k: onednn.conv(x, k, *args), x, k)
-    ref = jax.lax.conv_general_dilated(x, k, *args, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    np.testing.assert_array_equal(got, ref)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    for a, b in zip(vjp_got(g), vjp_want(g), strict=True):
-        np.testing.assert_array_equal(a, b)  # the same oneDNN calls
-    hlo = jax.jit(jax.grad(lambda x, k: onednn.conv_xla_forward(x, k, *args).sum(), (0, 1))
-                  ).lower(x, k).as_text()
-    assert "flaxcnn_onednn_conv_forward" not in hlo
-    assert "flaxcnn_onednn_conv_backward_data" in hlo
-    assert "flaxcnn_onednn_conv_backward_weights" in hlo
-
-
 def _ynn_fusion_bodies(hlo: str) -> list[str]:
     """The fused computations of a compiled program's YNNPACK fusions."""
     names = re.findall(r'calls=(%[\w.]+),[^\n]*"__ynn_fusion"', hlo)
     return [re.search("\n" + re.escape(n) + r" .*?\n}", hlo, re.S).group(0) for n in names]
 
 
-def test_xla_forward_convolutions_stay_out_of_ynnpack_fusions():
-    """ResNet-18 in eval mode: its last three layers (`conv_xla_forward`) reach the linear
-    layer's matrix product through elementwise work and the average pool only, and YNNPACK's dot
-    fusion took them into its graph, 1.10x slower (benchmarks/xla_cpu_study.md); the
-    materialised output keeps them XLA's."""
+def test_small_map_layers_stay_separate_products():
+    """ResNet-18 in eval mode: its last three layers (`ops.conv_taps` on 3x3 maps, nine matrix
+    products each) reach the linear layer's product through elementwise work and the average
+    pool only. YNNPACK's dot fusion grows its graph upward from a product; each of theirs stays
+    a fusion of its own, as in the products alone (benchmarks/xla_cpu_study.md), and no
+    convolution is left to XLA (until 2026-12-03 these layers forwarded in XLA's convolution,
+    which the linear layer's fusion took into its graph, 1.10x slower)."""
     from flaxcnn import models
 
     model = models.create("resnet18")
@@ -288,8 +253,9 @@ def test_xla_forward_convolutions_stay_out_of_ynnpack_fusions():
         variables, jnp.zeros((2, 96, 96, 1))).compile().as_text()
     bodies = _ynn_fusion_bodies(hlo)
     assert bodies, "no YNNPACK fusion: the project's XLA flags are not in effect"
-    assert not [b for b in bodies if "convolution(" in b]
-    assert hlo.count("convolution(") == 3  # the three layers, XLA's forward pass
+    # 3 * 9 taps and the linear layer, one product each (the others: YNNPACK's reductions)
+    assert sorted(n for b in bodies if (n := b.count(" dot("))) == [1] * 28
+    assert "convolution(" not in hlo
 
 
 @pytest.mark.slow
@@ -419,12 +385,14 @@ def test_concurrent_convolutions_in_inception_blocks():
 @pytest.mark.slow
 def test_conv_then_relu_runs_as_one_call(monkeypatch):
     """`layers.Sequential` and `run_layers` run a `Conv` followed by `nn.relu` as one oneDNN call
-    (NiN's 12 layers, AlexNet's 5), with the parameter paths of `nn.Sequential` and, within
-    float32 rounding, the logits and gradients of the layers run one by one. While
+    (NiN's 12 layers, AlexNet's 5; at these small sides their 384-output layers would be
+    `ops.conv_taps`, which the test turns off), with the parameter paths of `nn.Sequential`
+    and, within float32 rounding, the logits and gradients of the layers run one by one. While
     intermediates are recorded (`models.summary`), each layer runs, and is recorded, alone."""
     from flaxcnn import models
 
     fused = 'custom_call_target="flaxcnn_onednn_conv_forward_bias_relu"'
+    monkeypatch.setattr(layers, "_TAPS_MAX_SIDE", 0)
     for name, side, calls in (("nin", 67, 12), ("alexnet", 65, 5)):
         model = models.create(name)
         x = jax.random.uniform(jax.random.key(1), (2, side, side, 1))

@@ -339,6 +339,52 @@ def test_conv_small_input_matches_xla_convolution(shape, k, p):
     np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape,k,p,taps", [
+    ((2, 3, 3, 16), 3, 1, 9), ((2, 3, 4, 6), 5, 2, 25), ((2, 1, 1, 8), 3, 1, 1),
+    ((3, 2, 5, 4), 3, 2, 9), ((2, 6, 5, 5), 3, 1, 9), ((2, 4, 4, 3), 1, 1, 1)])
+def test_conv_taps_matches_xla_convolution(shape, k, p, taps):
+    """One matrix product per tap that reaches the image (a 1x1 map: the centre only), over
+    its outputs alone: values and both gradients within float32 rounding of XLA's convolution,
+    outputs no tap reaches (padding 2 on a 3x3 kernel) zero."""
+    conv = partial(ops.conv_taps, padding=p)
+    got, ref, (dx, dw), (rx, rw) = against_xla(conv, k * 10 + p, shape, (k, k, shape[-1], 7), p)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(conv)(jnp.zeros(shape), jnp.zeros((k, k, shape[-1], 7))))
+    assert jaxpr.count("dot_general") == taps and "conv_general_dilated" not in jaxpr
+
+
+def test_many_channel_layers_on_small_maps_take_conv_taps_on_cpu():
+    """A padded 3x3 layer with 320 outputs or more on a 3x3 map (ResNet-18's 512 -> 512,
+    GoogLeNet's last -> 320 and -> 384) is `conv_taps` on a CPU, with oneDNN or without, its
+    bias and ReLU added after; other platforms keep XLA's convolution. 6x6 maps and fewer
+    outputs keep the CPU's other choices."""
+    import flax.linen as nn
+
+    from flaxcnn.models import layers
+
+    for side, features, taps in ((3, 512, True), (3, 320, True), (3, 128, False),
+                                 (6, 512, False)):
+        x = jax.random.normal(jax.random.key(0), (2, side, side, 8))
+        conv = layers.Conv(features, 3, padding=1)
+        v = conv.init(jax.random.key(1), x)
+        fused = jax.jit(lambda v, x, conv=conv: conv.apply(v, x, relu=True))
+        if taps:
+            convs = exported_counts(fused, (v, x), "stablehlo.convolution")
+            assert convs == {"cpu": 0, "cuda": 1, "tpu": 1}
+            hlo = fused.lower(v, x).compile().as_text()
+            assert "custom_call_target" not in hlo and "convolution(" not in hlo
+            np.testing.assert_allclose(fused(v, x), nn.relu(conv.apply(v, x)), rtol=0, atol=1e-6)
+            np.testing.assert_allclose(
+                conv.apply(v, x), ops.conv_nhwc(x, v["params"]["kernel"], 1, 1)
+                + v["params"]["bias"], rtol=1e-5, atol=1e-5)
+        else:
+            hlo = fused.lower(v, x).compile().as_text()
+            assert hlo.count(" dot(") == 0, (side, features)
+
+
 @pytest.mark.parametrize("shape,o", [((2, 27, 26, 16), 24), ((3, 5, 4, 7), 5)])
 def test_conv_1x1_matches_xla_convolution(shape, o):
     """Forward pass and input gradient are XLA's convolution; the kernel gradient (one matrix

@@ -127,13 +127,16 @@ _ONEDNN_STEMS = True
 _ONEDNN_RELU = True
 
 
-# Stride-1 layers with at least _XLA_FORWARD_MIN_FEATURES outputs on maps of at most
-# _XLA_FORWARD_MAX_SIDE keep XLA's forward pass, with oneDNN's gradients: ResNet-18's 512 -> 512
-# layers on 3x3 maps, which Debian's oneDNN 2.6 forwards in 6.7 ms at batch 32 against XLA's
-# 3.8 (PyTorch's oneDNN 3.12: 3.4). At 256 -> 256 they tie; DenseNet's 3x3-map layers (-> 32)
-# forward 2x faster in oneDNN (benchmarks/xla_cpu_study.md). _XLA_FORWARD_MAX_SIDE = 0: none.
-_XLA_FORWARD_MAX_SIDE = 3
-_XLA_FORWARD_MIN_FEATURES = 512
+# Stride-1, padded layers with at least _TAPS_MIN_FEATURES outputs on maps of at most
+# _TAPS_MAX_SIDE take `ops.conv_taps`, one matrix product per kernel tap over the outputs it
+# reaches inside the image: on a 3x3 map, 32 of a 3x3 kernel's 81 multiplies per position pair
+# are with the padding. ResNet-18's 512 -> 512 layers forward in 5.3 ms at batch 32 against
+# oneDNN 2.6's 7.8 and XLA's 8.2 (PyTorch's oneDNN 3.12: 5.9), and ResNet-18 trains and infers
+# 1.05x faster; GoogLeNet's last 3x3 layers (-> 320, -> 384) infer 1.03x faster. With fewer
+# outputs (GoogLeNet's 5x5 -> 128, DenseNet's -> 32) or on 6x6 maps oneDNN's is faster
+# (benchmarks/xla_cpu_study.md). _TAPS_MAX_SIDE = 0: none.
+_TAPS_MAX_SIDE = 3
+_TAPS_MIN_FEATURES = 320
 
 # One-channel, stride-1 layers (item 3 of the study's defaults) with fewer outputs than this take
 # oneDNN's convolution where it is available: LeNet's 1 -> 6, whose k*k multiply-adds keep 6
@@ -146,10 +149,6 @@ def _onednn_conv(x, kernel, relu_bias=None, *, strides, padding):
     """oneDNN's convolution; given `relu_bias`, relu(convolution + relu_bias)."""
     st = ops._pairs(strides)
     pd = tuple((p, p) for p in ops._pairs(padding))
-    if (min(x.shape[1:3]) <= _XLA_FORWARD_MAX_SIDE and st == (1, 1)
-            and kernel.shape[-1] >= _XLA_FORWARD_MIN_FEATURES):
-        y = onednn.conv_xla_forward(x, kernel, st, pd)
-        return y if relu_bias is None else jax.nn.relu(y + relu_bias)
     if relu_bias is None:
         return onednn.conv(x, kernel, st, pd)
     return onednn.conv_relu(x, kernel, relu_bias, st, pd)
@@ -176,6 +175,9 @@ def _cpu_convolution(x, k: int, strides: int, padding: int, features: int | None
 def _cpu_choice(x, k, strides, padding, dnnl, features):
     """`_cpu_convolution`'s choice for one layer, `dnnl`: whether oneDNN may take it."""
     c, side = x.shape[-1], min(x.shape[1:3])
+    if (strides == 1 and padding > 0 and side <= _TAPS_MAX_SIDE and features is not None
+            and features >= _TAPS_MIN_FEATURES):
+        return partial(ops.conv_taps, padding=padding)
     if c == 1 and k <= 5 and strides == 1:  # LeNet's and VGG's first layers: one input channel
         if features is not None and features < _ONE_CHANNEL_MIN_FEATURES and dnnl:
             return partial(_onednn_conv, strides=strides, padding=padding)  # LeNet's
