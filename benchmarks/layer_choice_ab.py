@@ -38,6 +38,8 @@ ARMS = {
     # oneDNN's convolutions for the many-channel layers on 3x3 maps too, not `ops.conv_taps`
     # (before 2026-12-03: XLA's forward pass for ResNet-18's 512 -> 512, oneDNN's gradients)
     "no-taps": {"_TAPS_MAX_SIDE": 0},
+    # `ops.conv_taps` for 512 outputs and more only (ResNet-18's, not GoogLeNet's -> 320, -> 384)
+    "taps-512": {"_TAPS_MIN_FEATURES": 512},
     # 1x1 stride-1 layers as matrix products (forward and both gradients; YNNPACK's GEMMs)
     "dot1x1": {},
     # the default choices with another oneDNN build (--onednn-prefix; onednn.PREFIX_ENV)
