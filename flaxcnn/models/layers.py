@@ -132,9 +132,10 @@ _ONEDNN_RELU = True
 # reaches inside the image: on a 3x3 map, 32 of a 3x3 kernel's 81 multiplies per position pair
 # are with the padding. ResNet-18's 512 -> 512 layers forward in 5.3 ms at batch 32 against
 # oneDNN 2.6's 7.8 and XLA's 8.2 (PyTorch's oneDNN 3.12: 5.9), and ResNet-18 trains and infers
-# 1.05x faster; GoogLeNet's last 3x3 layers (-> 320, -> 384) infer 1.03x faster. With fewer
-# outputs (GoogLeNet's 5x5 -> 128, DenseNet's -> 32) or on 6x6 maps oneDNN's is faster
-# (benchmarks/xla_cpu_study.md). _TAPS_MAX_SIDE = 0: none.
+# 1.05x faster (paired, batch 32 and 128). GoogLeNet's last 3x3 layers (-> 320, -> 384): its
+# inference 1.004-1.032x faster in three paired runs, training level. With fewer outputs
+# (GoogLeNet's 5x5 -> 128, DenseNet's -> 32) or on 6x6 maps oneDNN's is faster
+# (benchmarks/xla_cpu_study.md, "The Zen 4, session 29"). _TAPS_MAX_SIDE = 0: none.
 _TAPS_MAX_SIDE = 3
 _TAPS_MIN_FEATURES = 320
 
