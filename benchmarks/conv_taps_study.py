@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 
-import harness  # noqa: F401  (restarts with the benchmarks' malloc settings, as train.py runs)
+import harness  # (importing it restarts with the benchmarks' malloc settings, as train.py runs)
 
 # side, in channels, out channels, kernel (padding kernel // 2, stride 1)
 SHAPES = ["3 512 512 3", "3 192 384 3", "3 160 320 3", "3 256 32 3", "6 256 256 3",
@@ -26,13 +26,10 @@ SHAPES = ["3 512 512 3", "3 192 384 3", "3 160 320 3", "3 256 32 3", "6 256 256 
 
 
 def arms(padding):
-    import jax
-
     from flaxcnn import onednn, ops
 
     pd = ((padding, padding), (padding, padding))
-    out = {"XLA": lambda x, k: jax.lax.conv_general_dilated(
-        x, k, (1, 1), pd, dimension_numbers=("NHWC", "HWIO", "NHWC"))}
+    out = {"XLA": lambda x, k: ops.conv_nhwc(x, k, 1, padding)}
     if onednn.available():
         out["oneDNN 2.6"] = lambda x, k: onednn.conv(x, k, (1, 1), pd)
     out["conv_taps"] = lambda x, k: ops.conv_taps(x, k, padding)
@@ -76,16 +73,17 @@ def study(batch, side, c, o, k, train, rounds, calls):
             with torch.inference_mode():
                 torch.conv2d(xt, wt, padding=p)
 
-    runs = {n: (lambda f=f: jax.block_until_ready(f(*args))) for n, f in fns.items()}
-    runs["PyTorch oneDNN"] = torch_call
-    times = {n: [] for n in runs}
-    for _ in range(rounds):
-        for n, run in runs.items():
-            run()
+    def sample(run):  # one timed sample: ms per call over `calls` calls
+        def timed():
             t = time.perf_counter()
             for _ in range(calls):
                 run()
-            times[n].append((time.perf_counter() - t) / calls * 1e3)
+            return (time.perf_counter() - t) / calls * 1e3
+        return timed
+
+    runs = {n: sample(lambda f=f: jax.block_until_ready(f(*args))) for n, f in fns.items()}
+    runs["PyTorch oneDNN"] = sample(torch_call)
+    times = harness.interleave(runs, rounds)
     return {n: statistics.median(v) for n, v in times.items()}
 
 
@@ -96,9 +94,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--calls", type=int, default=5)
     args = p.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    harness.set_torch_threads(harness.set_threads(None))
     header = None
     for shape in args.shapes:
         side, c, o, k = map(int, shape.split())

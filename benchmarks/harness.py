@@ -162,6 +162,17 @@ def compiled_train_step(network: str, batch: int):
     return step, state, x, y
 
 
+def as_eval_step(step, state, x, y):
+    """`compiled_train_step`'s result with `training.eval_step` (compiled) as its step, called
+    the same way: (state, x, y) -> (state, metrics)."""
+    import jax
+
+    from flaxcnn import training
+
+    ev = jax.jit(training.eval_step).lower(state, x, y).compile()
+    return (lambda state, x, y: (state, ev(state, x, y))), state, x, y
+
+
 # ----------------------------------------------------------------------------- timing
 
 def dot_1x1(conv, x, kernel, strides, padding, precision=None):

@@ -102,10 +102,7 @@ def child(network: str, arm: str, batch: int, steps: int, samples: int, evaluate
         _dot_1x1(layers)
     step, state, x, y = harness.compiled_train_step(network, batch)
     if evaluate:
-        from flaxcnn import training
-
-        ev = jax.jit(training.eval_step).lower(state, x, y).compile()
-        step = lambda state, x, y: (state, ev(state, x, y))  # noqa: E731
+        step, state, x, y = harness.as_eval_step(step, state, x, y)
     for _ in range(3):
         state, m = step(state, x, y)
     jax.block_until_ready(m)

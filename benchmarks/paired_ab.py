@@ -32,17 +32,12 @@ def paired(network: str, arms: list[str], batch: int, pairs: int, steps: int, se
     `evaluate`, calls of `training.eval_step`)."""
     import jax
 
-    from flaxcnn import training
-
     runs = {}
     for arm in arms:
         restore = layer_choice_ab.apply_arm(arm)
         try:  # traced and compiled under the arm's settings
-            runs[arm] = list(harness.compiled_train_step(network, batch))
-            if evaluate:
-                step, state, x, y = runs[arm]
-                ev = jax.jit(training.eval_step).lower(state, x, y).compile()
-                runs[arm][0] = lambda state, x, y, ev=ev: (state, ev(state, x, y))
+            run = harness.compiled_train_step(network, batch)
+            runs[arm] = list(harness.as_eval_step(*run) if evaluate else run)
         finally:
             restore()
 

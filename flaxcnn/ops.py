@@ -148,26 +148,39 @@ def _window_terms(x, window, strides, padding, fill, separate=False):
     (GoogLeNet's eval step: 11 pads, 2.5 of 50 ms; inference 1.035-1.056x). In training it is
     slower (GoogLeNet 0.955x, forward and backward; 0.966x, forward only), so the training
     passes keep the copy (benchmarks/xla_cpu_study.md)."""
-    (kh, kw), (sh, sw), (ph, pw) = window, strides, padding
-    (ho, wo), (h, w) = _out_hw(x.shape[1:3], window, strides, padding), x.shape[1:3]
+    ho, wo = _out_hw(x.shape[1:3], window, strides, padding)
     if not separate:
         yield from _window_slices(_pad_hw(x, padding, fill), window, strides, (ho, wo))
         return
     n, c = x.shape[0], x.shape[3]
     fill = jnp.asarray(fill, x.dtype)
+    for di, dj, (ilo, ihi), (jlo, jhi), part in _valid_parts(x, window, strides, padding):
+        if part is None:
+            yield di, dj, jnp.full((n, ho, wo, c), fill)
+        else:
+            yield di, dj, lax.pad(part, fill, ((0, 0, 0), (ilo, ho - ihi, 0),
+                                               (jlo, wo - jhi, 0), (0, 0, 0)))
+
+
+def _valid_parts(x, window, strides, padding):
+    """(di, dj, (ilo, ihi), (jlo, jhi), part) for every offset of the window, row-major: the
+    outputs [ilo, ihi) x [jlo, jhi) whose element at that offset lies inside x, and those
+    elements, part[n, i - ilo, j - jlo, c]; part is None where no output's does."""
+    (kh, kw), (sh, sw), (ph, pw) = window, strides, padding
+    (ho, wo), (h, w) = _out_hw(x.shape[1:3], window, strides, padding), x.shape[1:3]
+    n, c = x.shape[0], x.shape[3]
     for di in range(kh):
         ilo, ihi = _valid_span(di, ph, sh, ho, h)
         for dj in range(kw):
             jlo, jhi = _valid_span(dj, pw, sw, wo, w)
-            if ilo == ihi or jlo == jhi:
-                yield di, dj, jnp.full((n, ho, wo, c), fill)
-                continue
-            i0, j0 = di - ph + sh * ilo, dj - pw + sw * jlo
-            part = lax.slice(x, (0, i0, j0, 0),
-                             (n, i0 + sh * (ihi - ilo - 1) + 1, j0 + sw * (jhi - jlo - 1) + 1, c),
-                             (1, sh, sw, 1))
-            yield di, dj, lax.pad(part, fill, ((0, 0, 0), (ilo, ho - ihi, 0),
-                                               (jlo, wo - jhi, 0), (0, 0, 0)))
+            part = None
+            if ilo < ihi and jlo < jhi:
+                i0, j0 = di - ph + sh * ilo, dj - pw + sw * jlo
+                part = lax.slice(
+                    x, (0, i0, j0, 0),
+                    (n, i0 + sh * (ihi - ilo - 1) + 1, j0 + sw * (jhi - jlo - 1) + 1, c),
+                    (1, sh, sw, 1))
+            yield di, dj, (ilo, ihi), (jlo, jhi), part
 
 
 def _scatter_windows(routed, strides, padding, in_hw):
@@ -519,17 +532,11 @@ def conv_taps(x, kernel, padding):
     against 7.8 in oneDNN 2.6, 8.2 in XLA's convolution and 5.9 in PyTorch's oneDNN 3.12, and
     18 ms forward and backward against 26 (benchmarks/xla_cpu_study.md). The gradients are
     autodiff's: the same products transposed, over the same regions."""
-    (kh, kw), (ph, pw) = kernel.shape[:2], _pairs(padding)
-    (ho, wo), (h, w) = _out_hw(x.shape[1:3], (kh, kw), (1, 1), (ph, pw)), x.shape[1:3]
+    window, padding = kernel.shape[:2], _pairs(padding)
+    ho, wo = _out_hw(x.shape[1:3], window, (1, 1), padding)
     y = jnp.zeros((x.shape[0], ho, wo, kernel.shape[3]), jnp.result_type(x, kernel))
-    for di in range(kh):
-        ilo, ihi = _valid_span(di, ph, 1, ho, h)
-        for dj in range(kw):
-            jlo, jhi = _valid_span(dj, pw, 1, wo, w)
-            if ilo == ihi or jlo == jhi:
-                continue
-            i0, j0 = di - ph + ilo, dj - pw + jlo
-            part = x[:, i0:i0 + ihi - ilo, j0:j0 + jhi - jlo, :]
+    for di, dj, (ilo, ihi), (jlo, jhi), part in _valid_parts(x, window, (1, 1), padding):
+        if part is not None:
             y = y.at[:, ilo:ihi, jlo:jhi, :].add(jnp.dot(part, kernel[di, dj]))
     return y
 
