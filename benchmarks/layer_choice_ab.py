@@ -51,6 +51,9 @@ ARMS = {
     "relu-after": {"_ONEDNN_RELU": False},
     # the training max-pools on XLA's ops, not flaxcnn's kernels (before 2026-12-03)
     "xla-max-pool": {"ops._NATIVE_MAX_POOL": False},
+    # DenseNet's blocks concatenate before each conv block, as the book writes them (before
+    # 2026-12-03: no list of feature maps for BatchNorm2d)
+    "concat-first": {"models.densenet.takes_parts": lambda norm: False},
 }
 _PREFIX = "FLAXCNN_AB_ONEDNN_PREFIX"  # --onednn-prefix, for the children of that arm
 

@@ -494,6 +494,77 @@ def test_lenet_scratch_and_builtin_agree():
             assert rel_err(gs[p], v) < 1e-4, p
 
 
+def test_batch_norm2d_on_parts_is_on_their_concatenation():
+    """A list of feature maps stands for their concatenation (DenseNet's blocks): the same
+    variables, outputs (joined by `concat_relu`), running statistics and gradients, in both
+    modes; an array still gives an array."""
+    from flaxcnn.models.layers import concat_relu
+
+    rng = np.random.default_rng(0)
+    parts = [jnp.asarray(1.0 + rng.standard_normal((3, 4, 4, c)), jnp.float32) for c in (5, 2, 3)]
+    whole = jnp.concatenate(parts, axis=-1)
+    bn = models.BatchNorm2d()
+    variables = bn.init(jax.random.key(0), whole)
+    assert jax.tree_util.tree_map(jnp.shape, bn.init(jax.random.key(0), parts)) == (
+        jax.tree_util.tree_map(jnp.shape, variables))
+    variables = {**variables, "params": {
+        "scale": jnp.asarray(rng.uniform(0.5, 1.5, 10), jnp.float32),
+        "bias": jnp.asarray(rng.standard_normal(10), jnp.float32)}}
+    g = jnp.asarray(rng.standard_normal(whole.shape), jnp.float32)
+
+    def loss(params, x):
+        y, upd = bn.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return jnp.vdot(concat_relu(y), g), (concat_relu(y), upd["batch_stats"])
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+    (gp_whole, gx_whole), (y_whole, s_whole) = grad(variables["params"], whole)
+    (gp_parts, gx_parts), (y_parts, s_parts) = grad(variables["params"], parts)
+    assert isinstance(gx_parts, list) and [p.shape for p in gx_parts] == [p.shape for p in parts]
+    assert rel_err(y_parts, y_whole) < 1e-6
+    for k in ("mean", "var"):
+        assert rel_err(s_parts[k], s_whole[k]) < 1e-6
+    assert rel_err(jnp.concatenate(gx_parts, axis=-1), gx_whole) < 1e-5
+    for k in ("scale", "bias"):
+        assert rel_err(gp_parts[k], gp_whole[k]) < 1e-5
+    evaluate = models.BatchNorm2d(use_running_average=True)
+    out = evaluate.apply({**variables, "batch_stats": s_whole}, parts)
+    assert isinstance(out, list) and len(out) == 1
+    assert rel_err(out[0], evaluate.apply({**variables, "batch_stats": s_whole}, whole)) < 1e-6
+
+
+def test_dense_block_reduces_over_each_map_not_their_concatenations(monkeypatch):
+    """With `BatchNorm2d`, `DenseBlock` gives its conv blocks the list of feature maps: the same
+    outputs, statistics and gradients as concatenating first (the book's order), while no
+    reduction of the compiled training pass spans a concatenation (XLA merges the identical
+    statistics of a map that several layers normalise)."""
+    from flaxcnn.models import densenet
+
+    block = models.DenseBlock(3, 4)
+    x = jax.random.uniform(jax.random.key(1), (2, 6, 6, 5))
+    variables = block.init(jax.random.key(0), x)
+
+    def train(params, x):
+        y, upd = block.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+        return jnp.sum(y * jnp.arange(y.shape[-1])), (y, upd["batch_stats"])
+
+    def run():
+        f = jax.jit(jax.grad(train, argnums=(0, 1), has_aux=True))
+        reduced = {int(n) for n in re.findall(r"f32\[(\d+)\]\{0\} reduce\(",
+                                               f.lower(variables["params"], x).compile().as_text())}
+        return f(variables["params"], x), reduced
+
+    (grads, (y, stats)), reduced = run()
+    monkeypatch.setattr(densenet, "takes_parts", lambda norm: False)
+    (book_grads, (book_y, book_stats)), book_reduced = run()
+    assert reduced == {5, 4}  # the input's channels, a conv block's (and its bias gradient's)
+    assert book_reduced == {5, 9, 13, 4}
+    assert rel_err(y, book_y) < 1e-6
+    assert rel_err(grads[1], book_grads[1]) < 1e-5
+    for got, want in ((stats, book_stats), (grads[0], book_grads[0])):
+        for path, leaf in flat(want).items():
+            assert rel_err(flat(got)[path], leaf) < 1e-5, path
+
+
 @pytest.mark.parametrize("shape", [(5, 3), (2, 3, 4, 4)])
 @pytest.mark.parametrize("steps", [1, 3])
 def test_running_var_conversion(shape, steps):

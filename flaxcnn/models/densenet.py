@@ -12,23 +12,32 @@ from flaxcnn.models.layers import (
     Dtype,
     ModuleDef,
     check_input,
+    concat_relu,
     flatten,
     run_layers,
+    takes_parts,
 )
 from flaxcnn.models.resnet import batch_norm_layer, stem
 from flaxcnn.ops import avg_pool, global_avg_pool
 
 
 def conv_block(num_channels, conv=Conv, norm=BatchNorm2d):
-    """The pre-activation order ResNet later adopted: BN, ReLU, 3x3 convolution."""
+    """The pre-activation order ResNet later adopted: BN, ReLU, 3x3 convolution. Given a list
+    of feature maps (`DenseBlock`), `BatchNorm2d` normalises each and `concat_relu` joins them."""
     return nn.Sequential([
-        norm(parent=None), nn.relu, conv(num_channels, 3, padding=1, parent=None),
+        norm(parent=None), concat_relu, conv(num_channels, 3, padding=1, parent=None),
     ])
 
 
 class DenseBlock(nn.Module):
     """`num_convs` conv blocks, each one's output concatenated onto its input on the channel
-    axis, so the block adds `num_convs * num_channels` channels."""
+    axis, so the block adds `num_convs * num_channels` channels.
+
+    The book concatenates before each conv block (`X = torch.cat((X, Y), dim=1)`). With
+    `BatchNorm2d` the block hands the conv blocks the list of feature maps instead: in training
+    each map's batch statistics are then computed once, not by every later layer, and the
+    block's DenseNet trains about 1.04x faster on a CPU (benchmarks/xla_cpu_study.md). The
+    values are the same."""
 
     num_convs: int
     num_channels: int
@@ -37,10 +46,15 @@ class DenseBlock(nn.Module):
 
     @nn.compact
     def __call__(self, X):
+        if not takes_parts(self.norm):
+            for _ in range(self.num_convs):
+                Y = conv_block(self.num_channels, self.conv, self.norm)(X)
+                X = jnp.concatenate((X, Y), axis=-1)
+            return X
+        features = [X]
         for _ in range(self.num_convs):
-            Y = conv_block(self.num_channels, self.conv, self.norm)(X)
-            X = jnp.concatenate((X, Y), axis=-1)
-        return X
+            features.append(conv_block(self.num_channels, self.conv, self.norm)(features))
+        return jnp.concatenate(features, axis=-1)
 
 
 def transition_block(num_channels, conv=Conv, norm=BatchNorm2d):
