@@ -46,11 +46,22 @@ def conv_layers(name: str, batch: int, side: int) -> collections.Counter:
     model = models.create(name)
     seen = collections.Counter()
 
+    calls = []  # the Conv calls in progress: [module, layer, counted]
+
     def record(next_fun, args, kwargs, context):
         m = context.module
-        if isinstance(m, models.Conv) and context.method_name == "__call__":
-            seen[(tuple(args[0].shape), m.kernel_size, m.strides, m.padding, m.features)] += 1
-        return next_fun(*args, **kwargs)
+        if not (isinstance(m, models.Conv) and context.method_name == "__call__"):
+            return next_fun(*args, **kwargs)
+        if calls and calls[-1][0] is m:  # a call that prepares Conv's (densenet.PooledConv)
+            calls[-1][2] = False
+        call = [m, (tuple(args[0].shape), m.kernel_size, m.strides, m.padding, m.features), True]
+        calls.append(call)
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            calls.pop()
+            if call[2]:
+                seen[call[1]] += 1
 
     x = jnp.zeros((batch, side, side, 1), jnp.float32)
     with nn.intercept_methods(record):

@@ -54,6 +54,9 @@ ARMS = {
     # DenseNet's blocks concatenate before each conv block, as the book writes them (before
     # 2026-12-03: no list of feature maps for BatchNorm2d)
     "concat-first": {"models.densenet.takes_parts": lambda norm: False},
+    # DenseNet's transition blocks pool after their 1x1 convolution, in the book's order (before
+    # 2026-12-03: no densenet.PooledConv)
+    "pool-after": {"models.densenet._conv_class": lambda conv: None},
 }
 _PREFIX = "FLAXCNN_AB_ONEDNN_PREFIX"  # --onednn-prefix, for the children of that arm
 

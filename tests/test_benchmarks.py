@@ -62,6 +62,7 @@ def test_bench_vs_torch_runs_each_framework_in_its_own_worker(tmp_path):
             assert math.isclose(result["by_process"][1][kind][m], rates[2])
     assert result["compile_s"]["jax_train"] > 0
     assert result["flops_per_example"]["train"] > 0
+    assert result["book_flops_per_example"] == result["flops_per_example"]  # LeNet: no BOOK_ORDER
     # Both sides trained (a warm-up and a timed sample): finite losses came back.
     assert set(result["final_loss"]) == {"jax", "eager"}
     assert all(math.isfinite(v) for v in result["final_loss"].values())
@@ -108,6 +109,7 @@ def _fake_pairs(monkeypatch, pairs):
     asked = []
     info = {"compile_s": {"jax_train": 1.0, "jax_inference": 0.5}, "port_diff": 0.0,
             "flops": {"train": 64e9, "inference": 32e9},
+            "book_flops": {"train": 64e9, "inference": 32e9},
             "memory_plan": {"train": None, "inference": None}}
 
     def start_sides(name, batch, side, args, device, torch_modes):
@@ -166,6 +168,28 @@ def test_markdown_of_a_one_pair_run_has_no_pair_table():
     md = markdown(old)
     assert "JAX ran in one worker process" in md
     assert "By pair" not in md and "such pairs" not in md
+
+
+def test_torch_gflops_count_the_books_order_where_flaxcnn_does_less():
+    """Where flaxcnn computes the same function with fewer FLOPs (DenseNet's transitions),
+    PyTorch's GFLOP/s count the book's FLOPs, JAX's its own, and the markdown says so."""
+    bench = _benchmark_module("bench_vs_torch")
+    report = json.loads((ROOT / "benchmarks" / "results"
+                         / "cpu-amd-epyc-f25m17-2t-e9f403b.json").read_text())
+    r = next(r for r in report["results"] if r["network"] == "densenet")
+    r["book_flops_per_example"] = {k: 1.1 * v for k, v in r["flops_per_example"].items()}
+    d = bench.derived(r, report["gemm_peak_gflops"])
+    for kind in ("train", "inference"):
+        rates = r[kind]
+        best = d[kind]["torch_best_mode"]
+        assert math.isclose(d[kind]["torch_best_gflops"],
+                            r["book_flops_per_example"][kind] * rates[best]["median"] / 1e9)
+        assert math.isclose(d[kind]["jax_gflops"],
+                            r["flops_per_example"][kind] * rates["jax"]["median"] / 1e9)
+    r["derived"] = d
+    md = bench.markdown(report)
+    assert md.count("flaxcnn's program does") == 1
+    assert "densenet: flaxcnn's program does" in md and "pool before their 1x1" in md
 
 
 def test_paired_ratios_pair_each_round():
@@ -240,3 +264,14 @@ def test_paired_ab_times_two_arms_in_pairs_and_restores_them():
     assert len(r["ratios"]) == 3 and all(x > 0 for x in r["ratios"])
     assert r["ci95"][0] <= r["median"] <= r["ci95"][1]
     assert ops._NATIVE_MAX_POOL is True
+
+
+def test_conv_vs_onednn_lists_each_convolution_once_at_its_input():
+    """conv_vs_onednn.py's layers: DenseNet's 20 convolutions, the transitions' 1x1 layers once
+    each, on the pooled maps `densenet.PooledConv` hands its convolution."""
+    conv_layers = _benchmark_module("conv_vs_onednn").conv_layers
+
+    layers = conv_layers("densenet", 2, 96)
+    assert sum(layers.values()) == 20
+    assert sorted(k[0] for k in layers if k[1] == 1) == [
+        (2, 3, 3, 240), (2, 6, 6, 224), (2, 12, 12, 192)]

@@ -565,6 +565,59 @@ def test_dense_block_reduces_over_each_map_not_their_concatenations(monkeypatch)
             assert rel_err(flat(got)[path], leaf) < 1e-5, path
 
 
+def test_transition_block_pools_before_its_convolution(monkeypatch):
+    """`transition_block` pools before its 1x1 convolution (`PooledConv`): the same variables,
+    outputs, statistics and gradients as the book's order, for a quarter of the convolution's
+    products; DenseNet passes its `pool_first` on."""
+    from flaxcnn.models import densenet, layers
+
+    monkeypatch.setattr(layers, "_ONEDNN", False)  # XLA's convolutions: FLOPs it can count
+
+    class Wrap(nn.Module):
+        pool_first: bool
+
+        @nn.compact
+        def __call__(self, x):
+            return models.transition_block(10, pool_first=self.pool_first)(x)
+
+    x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 23))
+    variables = Wrap(True).init(jax.random.key(0), x)
+    assert jax.tree_util.tree_map(jnp.shape, Wrap(False).init(jax.random.key(0), x)) == (
+        jax.tree_util.tree_map(jnp.shape, variables))
+    runs = {}
+    for pool_first in (True, False):
+        def loss(params, x, pool_first=pool_first):
+            y, upd = Wrap(pool_first).apply({**variables, "params": params}, x,
+                                            mutable=["batch_stats"])
+            return jnp.sum(y * jnp.arange(10)), (y, upd["batch_stats"])
+
+        f = jax.jit(partial(loss, x=x))
+        flops = f.lower(variables["params"]).compile().cost_analysis()["flops"]
+        runs[pool_first] = flops, jax.grad(loss, has_aux=True)(variables["params"], x)
+    (flops, (grads, (y, stats))), (book_flops, (book_grads, (book_y, book_stats))) = (
+        runs[True], runs[False])
+    # 3/4 of the convolution's 2 N H W C K, less the pool's extra sums over 23 channels, not 10
+    assert book_flops - flops > 0.6 * 2 * x.size * 10
+    assert rel_err(y, book_y) < 1e-6
+    for got, want in ((stats, book_stats), (grads, book_grads)):
+        for path, leaf in flat(want).items():
+            assert rel_err(flat(got)[path], leaf) < 1e-5, path
+
+    def convs(model):
+        seen = set()
+
+        def record(f, args, kwargs, context):
+            seen.add(type(context.module))
+            return f(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+        return seen
+
+    assert densenet.PooledConv in convs(models.create("densenet"))
+    assert densenet.PooledConv not in convs(models.create("densenet", pool_first=False))
+
+
 @pytest.mark.parametrize("shape", [(5, 3), (2, 3, 4, 4)])
 @pytest.mark.parametrize("steps", [1, 3])
 def test_running_var_conversion(shape, steps):

@@ -278,10 +278,12 @@ def test_model_gradients_equal_with_and_without_onednn(monkeypatch):
     want = jax.jit(jax.value_and_grad(loss))(variables["params"])
     # Some leaves are zero up to rounding (a bias before BatchNorm): one scale for all. The
     # largest leaf is the stem's kernel gradient (61 here), whose entries sum 1024 products
-    # each, in another order in oneDNN: where they cancel, 6.6e-4 apart.
+    # each, in another order in oneDNN: where they cancel, up to 2e-3 apart. Against float64
+    # (XLA's convolutions), the float32 gradients are 0.8e-5 (XLA) to 1.9e-5 (oneDNN) of that
+    # scale off, so two float32 runs may be 3e-5 apart.
     scale = max(float(jnp.max(jnp.abs(r))) for r in jax.tree.leaves(want))
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(g, r, rtol=2e-4, atol=2e-5 * scale)
+        np.testing.assert_allclose(g, r, rtol=2e-4, atol=4e-5 * scale)
 
 
 def test_opt_out_keeps_xla(tmp_path):

@@ -57,12 +57,36 @@ class DenseBlock(nn.Module):
         return jnp.concatenate(features, axis=-1)
 
 
-def transition_block(num_channels, conv=Conv, norm=BatchNorm2d):
-    """A 1x1 convolution to `num_channels` and a stride-2 average pool: keeps the model small."""
+class PooledConv(Conv):
+    """A `Conv` on its input average-pooled 2x2 with stride 2: the transition block's
+    convolution and pool in the other order. A 1x1 convolution (bias included) and an average
+    pool are linear maps on different axes, so they commute: the same function, with the
+    convolution's products on a quarter of the positions."""
+
+    def __call__(self, x, relu: bool = False):
+        return super().__call__(avg_pool(x, kernel_size=2, strides=2), relu)
+
+
+def transition_block(num_channels, conv=Conv, norm=BatchNorm2d, pool_first=True):
+    """A 1x1 convolution to `num_channels` and a stride-2 average pool: keeps the model small.
+
+    `pool_first` (with `Conv`): the pool runs before the convolution (`PooledConv`, same
+    variables), which makes DenseNet's training step about 1.08x and its inference 1.05x faster
+    on a CPU (benchmarks/xla_cpu_study.md); False keeps the book's order and rounding."""
+    if pool_first and _conv_class(conv) is Conv:
+        pooled = partial(PooledConv, *conv.args, **conv.keywords) if isinstance(
+            conv, partial) else PooledConv
+        return nn.Sequential([norm(parent=None), nn.relu, pooled(num_channels, 1, parent=None)])
     return nn.Sequential([
         norm(parent=None), nn.relu, conv(num_channels, 1, parent=None),
         partial(avg_pool, kernel_size=2, strides=2),
     ])
+
+
+def _conv_class(conv):
+    while isinstance(conv, partial):
+        conv = conv.func
+    return conv
 
 
 class DenseNet(nn.Module):
@@ -70,6 +94,7 @@ class DenseNet(nn.Module):
     growth_rate: int = 32
     num_classes: int = 10
     dtype: Dtype = jnp.float32
+    pool_first: bool = True  # transition_block's: pool before its 1x1 convolution
 
     min_side = 29
 
@@ -89,7 +114,8 @@ class DenseNet(nn.Module):
             # A transition block that halves the channels between dense blocks.
             if i != len(blocks) - 1:
                 num_channels //= 2
-                layers.append(("Sequential", transition_block(num_channels, conv, norm)))
+                layers.append(("Sequential", transition_block(num_channels, conv, norm,
+                                                              self.pool_first)))
         layers += [
             ("BatchNorm2d", norm()), ("ReLU", nn.relu),
             ("AdaptiveAvgPool2d", global_avg_pool), ("Flatten", flatten),
