@@ -57,6 +57,8 @@ ARMS = {
     # DenseNet's transition blocks pool after their 1x1 convolution, in the book's order (before
     # 2026-12-03: no densenet.PooledConv)
     "pool-after": {"models.densenet._conv_class": lambda conv: None},
+    # channel concatenations on XLA's own, not flaxcnn's kernel (before 2026-12-03)
+    "xla-concat": {"ops._NATIVE_CONCAT": False},
 }
 _PREFIX = "FLAXCNN_AB_ONEDNN_PREFIX"  # --onednn-prefix, for the children of that arm
 

@@ -763,6 +763,48 @@ ffi::Error MaxPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::B
   return ffi::Error::Success();
 }
 
+// Concatenation on the last axis (flaxcnn.ops.concat_channels on a CPU): each output row (one
+// pixel's channels) copied operand by operand, the rows split over XLA's pool. XLA:CPU's own
+// concatenation on the minor axis picks each element's operand in its loop, at about half a
+// single thread's memcpy bandwidth (benchmarks/xla_cpu_study.md, "The Zen 4, session 30").
+ffi::Error ConcatChannels(ffi::ThreadPool pool, ffi::RemainingArgs args,
+                          ffi::ResultBuffer<ffi::F32> out) {
+  const auto od = out->dimensions();
+  if (od.size() == 0) return ffi::Error::InvalidArgument("flaxcnn concat: a scalar output");
+  const int64_t c = od.back(), rows = c ? out->element_count() / c : 0;
+  std::vector<const float*> src;
+  std::vector<int64_t> width;
+  int64_t total = 0;
+  for (size_t i = 0; i < args.size(); ++i) {
+    auto b = args.get<ffi::Buffer<ffi::F32>>(i);
+    if (b.has_error()) return b.error();
+    const auto d = b->dimensions();
+    if (d.size() != od.size() || !std::equal(d.begin(), d.end() - 1, od.begin())) {
+      return ffi::Error::InvalidArgument("flaxcnn concat: operands differ beyond the last axis");
+    }
+    src.push_back(b->typed_data());
+    width.push_back(d.back());
+    total += d.back();
+  }
+  if (total != c) return ffi::Error::InvalidArgument("flaxcnn concat: widths do not add up");
+  if (rows == 0) return ffi::Error::Success();
+  float* dst = out->typed_data();
+  try {
+    SplitRows(&pool, rows, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float* o = dst + r * c;
+        for (size_t i = 0; i < src.size(); ++i) {
+          std::memcpy(o, src[i] + r * width[i], width[i] * sizeof(float));
+          o += width[i];
+        }
+      }
+    });
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("flaxcnn concat: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
 template <typename B>
 auto WithWindow(B args) {
   return std::move(args)
@@ -792,6 +834,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnMaxPoolForward, MaxPoolForward,
                                              .Arg<ffi::Buffer<ffi::F32>>()
                                              .Ret<ffi::Buffer<ffi::F32>>()
                                              .Ret<ffi::Buffer<ffi::S8>>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnConcatChannels, ConcatChannels,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxcnnMaxPoolBackward, MaxPoolBackward,
                               WithWindow(ffi::Ffi::Bind()
                                              .Ctx<ffi::ThreadPool>()

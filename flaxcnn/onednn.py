@@ -43,6 +43,7 @@ TARGETS = {  # custom-call target -> handler symbol in _onednn.cc
     "flaxcnn_onednn_conv_backward_weights": "FlaxcnnConvBackwardWeights",
     "flaxcnn_max_pool_forward": "FlaxcnnMaxPoolForward",
     "flaxcnn_max_pool_backward": "FlaxcnnMaxPoolBackward",
+    "flaxcnn_concat_channels": "FlaxcnnConcatChannels",
 }
 _HEADER_DIRS = ("/usr/include", "/usr/local/include", sys.prefix + "/include")
 
@@ -254,6 +255,15 @@ def max_pool_backward(g, argmax, in_hw, window, strides, padding):
     out = jax.ShapeDtypeStruct((n, *in_hw, c), jnp.float32)
     return jax.ffi.ffi_call("flaxcnn_max_pool_backward", out, vmap_method="sequential")(
         g, argmax, **_window_attrs(window, strides, padding))
+
+
+def concat_channels(*xs):
+    """`jnp.concatenate(xs, axis=-1)` of float32 arrays by `_onednn.cc`'s kernel (each pixel's
+    channels copied operand by operand): about twice as fast as XLA:CPU's own on DenseNet's and
+    GoogLeNet's maps. Not differentiable itself (`ops.concat_channels` is)."""
+    _require()
+    out = jax.ShapeDtypeStruct((*xs[0].shape[:-1], sum(x.shape[-1] for x in xs)), jnp.float32)
+    return jax.ffi.ffi_call("flaxcnn_concat_channels", out, vmap_method="sequential")(*xs)
 
 
 if __name__ == "__main__":  # what .ci/setup runs: build now, say whether it worked, never fail

@@ -355,6 +355,47 @@ def avg_pool(x, kernel_size, strides, padding=0):
     return _avg_pool(x, window, strides, padding)
 
 
+# Concatenations of float32 maps on the channel axis take flaxcnn's kernel on a CPU where it is
+# built (`onednn.concat_channels`). False: XLA's everywhere.
+_NATIVE_CONCAT = True
+
+
+def concat_channels(xs):
+    """`jnp.concatenate(xs, axis=-1)`, the book's `torch.cat(..., dim=1)` on NHWC maps
+    (DenseNet's feature maps, GoogLeNet's branches). On a CPU, for float32, flaxcnn's kernel
+    where it is built (`onednn.concat_channels`; XLA:CPU picks each element's operand in its
+    loop, at half the speed); the gradient is the slices, as XLA's."""
+    xs = list(xs)
+    if len(xs) == 1:
+        return xs[0]
+    from flaxcnn import onednn  # (it imports this module)
+
+    if not (_NATIVE_CONCAT and all(x.dtype == jnp.float32 for x in xs)
+            and jax.default_backend() == "cpu" and onednn.available()):
+        return jnp.concatenate(xs, axis=-1)
+    return _concat_channels(tuple(x.shape[-1] for x in xs), *xs)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _concat_channels(widths, *xs):
+    from flaxcnn import onednn
+
+    return lax.platform_dependent(
+        *xs, cpu=onednn.concat_channels, default=lambda *xs: jnp.concatenate(xs, axis=-1))
+
+
+def _concat_channels_fwd(widths, *xs):
+    return _concat_channels(widths, *xs), None
+
+
+def _concat_channels_bwd(widths, _, g):
+    ends = np.cumsum(widths)
+    return tuple(g[..., e - w:e] for w, e in zip(widths, ends, strict=True))
+
+
+_concat_channels.defvjp(_concat_channels_fwd, _concat_channels_bwd)
+
+
 def global_avg_pool(x):
     """`nn.AdaptiveAvgPool2d((1, 1))`: the mean of each channel, keeping (N, 1, 1, C)."""
     return jnp.mean(x, axis=(1, 2), keepdims=True)

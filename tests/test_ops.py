@@ -253,6 +253,63 @@ def test_max_pool_tuple_arguments_and_errors():
         ops.max_pool(jnp.zeros((1, 4, 4, 1), jnp.int32), 2, 2)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["kernel", "xla"])
+def test_concat_channels_is_jnp_concatenate(native, monkeypatch):
+    """`ops.concat_channels`: `jnp.concatenate` on the last axis, bit for bit, with its slices
+    as the gradient; on a CPU, for float32, flaxcnn's kernel (`onednn.concat_channels`) where
+    it is built, XLA's concatenation otherwise (`_NATIVE_CONCAT = False`, other dtypes)."""
+    from flaxcnn import onednn
+
+    if native and not onednn.available():
+        pytest.fail(f"flaxcnn's CPU kernels are not built here: {onednn.reason()}")
+    monkeypatch.setattr(ops, "_NATIVE_CONCAT", native)
+    rng = np.random.default_rng(0)
+    for shapes in ([(2, 5, 4, 3), (2, 5, 4, 32), (2, 5, 4, 1)], [(7, 2), (7, 9)],
+                   [(3, 3, 3, 64)] * 5, [(0, 4, 2), (0, 4, 3)]):
+        xs = [jnp.asarray(rng.standard_normal(sh), jnp.float32) for sh in shapes]
+        g = jnp.asarray(rng.standard_normal((*shapes[0][:-1], sum(sh[-1] for sh in shapes))),
+                        jnp.float32)
+
+        def loss(*xs, g=g):
+            return jnp.vdot(ops.concat_channels(xs), g)
+
+        f = jax.jit(lambda *xs: ops.concat_channels(xs))
+        np.testing.assert_array_equal(f(*xs), jnp.concatenate(xs, axis=-1))
+        grads = jax.jit(jax.grad(loss, argnums=tuple(range(len(xs)))))(*xs)
+        ends = np.cumsum([sh[-1] for sh in shapes])
+        for gx, sh, e in zip(grads, shapes, ends, strict=True):
+            np.testing.assert_array_equal(gx, g[..., e - sh[-1]:e])
+        assert ("flaxcnn_concat_channels" in f.lower(*xs).as_text()) == native
+    x16 = jnp.ones((2, 3, 4), jnp.bfloat16)
+    both = jax.jit(lambda a, b: ops.concat_channels((a, b)))
+    assert both(x16, x16).dtype == jnp.bfloat16
+    assert "flaxcnn_concat_channels" not in both.lower(x16, x16).as_text()
+    assert ops.concat_channels([xs[0]]) is xs[0]
+
+
+def test_concat_channels_kernel_only_on_cpu_and_checks_shapes():
+    """Lowered for a GPU or a TPU, the concatenation is XLA's (`platform_dependent`); the kernel
+    refuses operands that differ beyond the last axis."""
+    from jax import export
+
+    from flaxcnn import onednn
+
+    f = jax.jit(lambda a, b: ops.concat_channels((a, b)))
+    a, b = jnp.zeros((2, 4, 3)), jnp.zeros((2, 4, 5))
+    check = [export.DisabledSafetyCheck.custom_call("flaxcnn_concat_channels")]
+    for platform in ("cpu", "cuda", "tpu"):
+        text = export.export(f, platforms=[platform], disabled_checks=check)(a, b).mlir_module()
+        assert ("flaxcnn_concat_channels" in text) == (platform == "cpu"), platform
+    if not onednn.available():
+        pytest.fail(f"flaxcnn's CPU kernels are not built here: {onednn.reason()}")
+    out = jax.ShapeDtypeStruct((2, 4, 8), jnp.float32)
+    bad = jax.ffi.ffi_call("flaxcnn_concat_channels", out, vmap_method="sequential")
+    with pytest.raises(Exception, match="operands differ beyond the last axis"):
+        jax.block_until_ready(bad(a, jnp.zeros((2, 3, 5))))
+    with pytest.raises(Exception, match="widths do not add up"):
+        jax.block_until_ready(bad(a, jnp.zeros((2, 4, 4))))
+
+
 @pytest.mark.parametrize("ksp", [(2, 2, 0), (3, 3, 1), (3, 2, 1), (2, 1, 0)], ids=str)
 @pytest.mark.parametrize("shape", [(2, 24, 24, 6), (2, 9, 8, 3), (3, 7, 7, 2)], ids=str)
 def test_avg_pool_matches_torch(ksp, shape):

@@ -18,7 +18,7 @@ from flaxcnn.models.layers import (
     takes_parts,
 )
 from flaxcnn.models.resnet import batch_norm_layer, stem
-from flaxcnn.ops import avg_pool, global_avg_pool
+from flaxcnn.ops import avg_pool, concat_channels, global_avg_pool
 
 
 def conv_block(num_channels, conv=Conv, norm=BatchNorm2d):
@@ -49,12 +49,12 @@ class DenseBlock(nn.Module):
         if not takes_parts(self.norm):
             for _ in range(self.num_convs):
                 Y = conv_block(self.num_channels, self.conv, self.norm)(X)
-                X = jnp.concatenate((X, Y), axis=-1)
+                X = concat_channels((X, Y))
             return X
         features = [X]
         for _ in range(self.num_convs):
             features.append(conv_block(self.num_channels, self.conv, self.norm)(features))
-        return jnp.concatenate(features, axis=-1)
+        return concat_channels(features)
 
 
 class PooledConv(Conv):

@@ -15,7 +15,7 @@ from flaxcnn.models.layers import (
     flatten,
     run_layers,
 )
-from flaxcnn.ops import global_avg_pool, max_pool
+from flaxcnn.ops import concat_channels, global_avg_pool, max_pool
 
 
 class Inception(nn.Module):
@@ -45,7 +45,7 @@ class Inception(nn.Module):
         # Path 4: 3x3 max-pool, then 1x1 convolution.
         p4 = max_pool(x, kernel_size=3, strides=1, padding=1)
         p4 = conv(self.c4, 1, name="p4_2")(p4, relu=True)
-        return jnp.concatenate((p1, p2, p3, p4), axis=-1)
+        return concat_channels((p1, p2, p3, p4))
 
 
 class GoogLeNet(nn.Module):

@@ -231,7 +231,7 @@ class BatchNorm2d(nn.Module):
         dtype = self.dtype or parts[0].dtype
         if self.use_running_average:
             # XLA:CPU does not fuse per-part passes into a concatenation: one pass over it
-            whole = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+            whole = ops.concat_channels(parts)
             y = ops.normalize(whole, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
             return [y.astype(dtype)] if isinstance(x, list) else y.astype(dtype)
         ys, means, variances = [], [], []
@@ -261,7 +261,7 @@ def concat_relu(x):
     `BatchNorm2d` returns for DenseNet's feature maps."""
     if isinstance(x, list):
         x = [nn.relu(p) for p in x]
-        return x[0] if len(x) == 1 else jnp.concatenate(x, axis=-1)
+        return ops.concat_channels(x)
     return nn.relu(x)
 
 
