@@ -35,9 +35,9 @@ class DenseBlock(nn.Module):
 
     The book concatenates before each conv block (`X = torch.cat((X, Y), dim=1)`). With
     `BatchNorm2d` the block hands the conv blocks the list of feature maps instead: in training
-    each map's batch statistics are then computed once, not by every later layer, and the
-    block's DenseNet trains about 1.04x faster on a CPU (benchmarks/xla_cpu_study.md). The
-    values are the same."""
+    each map's batch statistics are then computed once, not by every later layer, and
+    DenseNet trains 1.01-1.05x faster on a CPU (benchmarks/xla_cpu_study.md). The values are
+    the same."""
 
     num_convs: int
     num_channels: int
@@ -71,8 +71,8 @@ def transition_block(num_channels, conv=Conv, norm=BatchNorm2d, pool_first=True)
     """A 1x1 convolution to `num_channels` and a stride-2 average pool: keeps the model small.
 
     `pool_first` (with `Conv`): the pool runs before the convolution (`PooledConv`, same
-    variables), which makes DenseNet's training step about 1.08x and its inference 1.05x faster
-    on a CPU (benchmarks/xla_cpu_study.md); False keeps the book's order and rounding."""
+    variables), which makes DenseNet's training step about 1.08x and its inference 1.05-1.10x
+    faster on a CPU (benchmarks/xla_cpu_study.md); False keeps the book's order and rounding."""
     if pool_first and _conv_class(conv) is Conv:
         pooled = partial(PooledConv, *conv.args, **conv.keywords) if isinstance(
             conv, partial) else PooledConv
