@@ -56,7 +56,7 @@ ARMS = {
     "concat-first": {"models.densenet.takes_parts": lambda norm: False},
     # DenseNet's transition blocks pool after their 1x1 convolution, in the book's order (before
     # 2026-12-03: no densenet.PooledConv)
-    "pool-after": {"models.densenet._conv_class": lambda conv: None},
+    "pool-after": {"models.densenet.module_class": lambda conv: None},
     # channel concatenations on XLA's own, not flaxcnn's kernel (before 2026-12-03)
     "xla-concat": {"ops._NATIVE_CONCAT": False},
 }

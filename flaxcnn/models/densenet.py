@@ -14,6 +14,7 @@ from flaxcnn.models.layers import (
     check_input,
     concat_relu,
     flatten,
+    module_class,
     run_layers,
     takes_parts,
 )
@@ -73,7 +74,7 @@ def transition_block(num_channels, conv=Conv, norm=BatchNorm2d, pool_first=True)
     `pool_first` (with `Conv`): the pool runs before the convolution (`PooledConv`, same
     variables), which makes DenseNet's training step about 1.08x and its inference 1.05-1.10x
     faster on a CPU (benchmarks/xla_cpu_study.md); False keeps the book's order and rounding."""
-    if pool_first and _conv_class(conv) is Conv:
+    if pool_first and module_class(conv) is Conv:
         pooled = partial(PooledConv, *conv.args, **conv.keywords) if isinstance(
             conv, partial) else PooledConv
         return nn.Sequential([norm(parent=None), nn.relu, pooled(num_channels, 1, parent=None)])
@@ -81,12 +82,6 @@ def transition_block(num_channels, conv=Conv, norm=BatchNorm2d, pool_first=True)
         norm(parent=None), nn.relu, conv(num_channels, 1, parent=None),
         partial(avg_pool, kernel_size=2, strides=2),
     ])
-
-
-def _conv_class(conv):
-    while isinstance(conv, partial):
-        conv = conv.func
-    return conv
 
 
 class DenseNet(nn.Module):

@@ -265,12 +265,19 @@ def concat_relu(x):
     return nn.relu(x)
 
 
+def module_class(module: ModuleDef):
+    """The class a `ModuleDef` makes: the module class itself, or that of a (nested)
+    `functools.partial` of one."""
+    while isinstance(module, partial):
+        module = module.func
+    return module
+
+
 def takes_parts(norm: ModuleDef) -> bool:
-    """Whether `norm` (a module class or a `functools.partial` of one) is `BatchNorm2d`, which
-    accepts a list of feature maps for their concatenation."""
-    while isinstance(norm, partial):
-        norm = norm.func
-    return isinstance(norm, type) and issubclass(norm, BatchNorm2d)
+    """Whether `norm` is `BatchNorm2d`, which accepts a list of feature maps for their
+    concatenation."""
+    cls = module_class(norm)
+    return isinstance(cls, type) and issubclass(cls, BatchNorm2d)
 
 
 class Dense(nn.Module):
