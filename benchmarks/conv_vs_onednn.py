@@ -54,7 +54,9 @@ def conv_layers(name: str, batch: int, side: int) -> collections.Counter:
             return next_fun(*args, **kwargs)
         if calls and calls[-1][0] is m:  # a call that prepares Conv's (densenet.PooledConv)
             calls[-1][2] = False
-        call = [m, (tuple(args[0].shape), m.kernel_size, m.strides, m.padding, m.features), True]
+        shape = getattr(args[0], "shape", None)  # (a PooledConv's list of maps: not counted)
+        call = [m, (shape and tuple(shape), m.kernel_size, m.strides, m.padding, m.features),
+                shape is not None]
         calls.append(call)
         try:
             return next_fun(*args, **kwargs)

@@ -59,6 +59,12 @@ ARMS = {
     "pool-after": {"models.densenet.module_class": lambda conv: None},
     # channel concatenations on XLA's own, not flaxcnn's kernel (before 2026-12-03)
     "xla-concat": {"ops._NATIVE_CONCAT": False},
+    # DenseNet's dense blocks concatenate their maps at their end, the transition normalising,
+    # ReLU-ing and pooling the concatenation (before 2026-12-03, session 31)
+    "block-concat": {"models.densenet._TRANSITION_PARTS": False},
+    # the transitions' BatchNorm on the concatenation of the maps in evaluation (training as
+    # the default)
+    "eval-concat": {"models.densenet._TRANSITION_EVAL_PARTS": False},
 }
 _PREFIX = "FLAXCNN_AB_ONEDNN_PREFIX"  # --onednn-prefix, for the children of that arm
 

@@ -530,6 +530,10 @@ def test_batch_norm2d_on_parts_is_on_their_concatenation():
     out = evaluate.apply({**variables, "batch_stats": s_whole}, parts)
     assert isinstance(out, list) and len(out) == 1
     assert rel_err(out[0], evaluate.apply({**variables, "batch_stats": s_whole}, whole)) < 1e-6
+    each = models.BatchNorm2d(use_running_average=True, eval_parts=True).apply(
+        {**variables, "batch_stats": s_whole}, parts)
+    assert [p.shape for p in each] == [p.shape for p in parts]
+    assert rel_err(jnp.concatenate(each, axis=-1), out[0]) < 1e-6
 
 
 def test_dense_block_reduces_over_each_map_not_their_concatenations(monkeypatch):
@@ -616,6 +620,60 @@ def test_transition_block_pools_before_its_convolution(monkeypatch):
 
     assert densenet.PooledConv in convs(models.create("densenet"))
     assert densenet.PooledConv not in convs(models.create("densenet", pool_first=False))
+
+
+def test_densenet_joins_a_blocks_maps_after_its_transition_pools_them(monkeypatch):
+    """DenseNet's dense blocks hand their transitions the list of feature maps, which are
+    normalised, ReLU-ed and pooled one by one and joined at a quarter of the size: no
+    concatenation of a block's full output before the last block, in training or evaluation;
+    the same logits, statistics and gradients as joining them at the block's end."""
+    from flaxcnn import ops
+    from flaxcnn.models import densenet
+
+    model = models.create("densenet", num_convs_in_dense_blocks=(2, 2, 1), growth_rate=8)
+    x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 1))
+    variables = model.init(jax.random.key(0), x)
+    y = jnp.array([3, 7, 0, 9])
+
+    def loss(params, train):
+        logits, upd = model.apply({**variables, "params": params}, x, train=train,
+                                  mutable=["batch_stats"])
+        return jnp.sum(jax.nn.log_softmax(logits)[jnp.arange(4), y]), (logits, upd)
+
+    def run():
+        joined = []
+
+        def record(concat):
+            def recording(xs):
+                out = concat(xs)
+                joined.append(out.shape)
+                return out
+            return recording
+
+        with monkeypatch.context() as m:
+            m.setattr(ops, "concat_channels", record(ops.concat_channels))
+            m.setattr(densenet, "concat_channels", record(densenet.concat_channels))
+            train = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)(
+                variables["params"], True)
+            evaluate = jax.jit(loss, static_argnums=1)(variables["params"], False)[1][0]
+        return train, evaluate, joined
+
+    (grads, (logits, upd)), eval_logits, joined = run()
+    monkeypatch.setattr(densenet, "_TRANSITION_PARTS", False)
+    monkeypatch.setattr(densenet, "_TRANSITION_EVAL_PARTS", False)
+    (book_grads, (book_logits, book_upd)), book_eval_logits, book_joined = run()
+    # the first block's 64 + 2 * 8 channels on 8x8 maps (32x32 input): joined at 4x4 only
+    assert (4, 8, 8, 80) in book_joined and (4, 8, 8, 80) not in joined
+    assert (4, 4, 4, 80) in joined
+    # (each map's statistics reduced on its own: a different order of float32 sums)
+    assert rel_err(logits, book_logits) < 1e-5
+    assert rel_err(eval_logits, book_eval_logits) < 1e-6
+    for path, leaf in flat(book_upd).items():
+        assert rel_err(flat(upd)[path], leaf) < 1e-5, path
+    # against the largest gradient: a convolution's bias before BatchNorm has none
+    largest = max(np.abs(np.asarray(g)).max() for g in flat(book_grads).values())
+    for path, leaf in flat(book_grads).items():
+        assert np.abs(np.asarray(flat(grads)[path]) - leaf).max() < GRAD_RTOL * largest, path
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (2, 3, 4, 4)])

@@ -71,5 +71,9 @@ def summary(model, side: int, batch: int = 1):
     for key in sorted(intermediates):
         _, book_name, owner = key.split(":")
         (out,) = intermediates[key]
-        rows.append((book_name, tuple(out.shape), count_params(params.get(owner, {}))))
+        if isinstance(out, list):  # feature maps that stand for their concatenation (DenseNet)
+            shape = (*out[0].shape[:-1], sum(p.shape[-1] for p in out))
+        else:
+            shape = tuple(out.shape)
+        rows.append((book_name, shape, count_params(params.get(owner, {}))))
     return rows

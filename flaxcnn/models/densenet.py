@@ -15,6 +15,7 @@ from flaxcnn.models.layers import (
     concat_relu,
     flatten,
     module_class,
+    relu_parts,
     run_layers,
     takes_parts,
 )
@@ -38,12 +39,14 @@ class DenseBlock(nn.Module):
     `BatchNorm2d` the block hands the conv blocks the list of feature maps instead: in training
     each map's batch statistics are then computed once, not by every later layer, and
     DenseNet trains 1.01-1.05x faster on a CPU (benchmarks/xla_cpu_study.md). The values are
-    the same."""
+    the same. `keep_parts`: the block returns that list, for a transition block that pools each
+    map before joining them (`transition_block`), rather than the maps' concatenation."""
 
     num_convs: int
     num_channels: int
     conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm2d
+    keep_parts: bool = False
 
     @nn.compact
     def __call__(self, X):
@@ -55,17 +58,30 @@ class DenseBlock(nn.Module):
         features = [X]
         for _ in range(self.num_convs):
             features.append(conv_block(self.num_channels, self.conv, self.norm)(features))
-        return concat_channels(features)
+        return features if self.keep_parts else concat_channels(features)
 
 
 class PooledConv(Conv):
     """A `Conv` on its input average-pooled 2x2 with stride 2: the transition block's
     convolution and pool in the other order. A 1x1 convolution (bias included) and an average
     pool are linear maps on different axes, so they commute: the same function, with the
-    convolution's products on a quarter of the positions."""
+    convolution's products on a quarter of the positions. Given a list of maps (a `DenseBlock`'s
+    with `keep_parts`), each is pooled before they are joined: a quarter of the concatenation."""
 
     def __call__(self, x, relu: bool = False):
-        return super().__call__(avg_pool(x, kernel_size=2, strides=2), relu)
+        parts = x if isinstance(x, list) else [x]
+        x = concat_channels([avg_pool(p, kernel_size=2, strides=2) for p in parts])
+        return super().__call__(x, relu)
+
+
+# DenseNet's dense blocks hand their transition blocks the list of feature maps (`keep_parts`),
+# and those normalise, ReLU and pool each map before joining them, in evaluation too
+# (`BatchNorm2d(eval_parts=True)`): training 1.08-1.10x faster on a CPU at batch 32 and 128,
+# inference 1.01-1.02x, paired (benchmarks/xla_cpu_study.md, "The Zen 4, session 31"). The arms `block-concat` and
+# `eval-concat` set these False: the block's maps concatenated at its end, as before
+# 2026-12-03; the transition's BatchNorm on their concatenation in evaluation.
+_TRANSITION_PARTS = True
+_TRANSITION_EVAL_PARTS = True
 
 
 def transition_block(num_channels, conv=Conv, norm=BatchNorm2d, pool_first=True):
@@ -73,11 +89,15 @@ def transition_block(num_channels, conv=Conv, norm=BatchNorm2d, pool_first=True)
 
     `pool_first` (with `Conv`): the pool runs before the convolution (`PooledConv`, same
     variables), which makes DenseNet's training step about 1.08x and its inference 1.05-1.10x
-    faster on a CPU (benchmarks/xla_cpu_study.md); False keeps the book's order and rounding."""
+    faster on a CPU (benchmarks/xla_cpu_study.md); False keeps the book's order and rounding.
+    There the block also takes a `DenseBlock`'s list of feature maps (`keep_parts`) and pools
+    each before joining them."""
     if pool_first and module_class(conv) is Conv:
         pooled = partial(PooledConv, *conv.args, **conv.keywords) if isinstance(
             conv, partial) else PooledConv
-        return nn.Sequential([norm(parent=None), nn.relu, pooled(num_channels, 1, parent=None)])
+        bn = (norm(parent=None, eval_parts=_TRANSITION_EVAL_PARTS) if takes_parts(norm)
+              else norm(parent=None))
+        return nn.Sequential([bn, relu_parts, pooled(num_channels, 1, parent=None)])
     return nn.Sequential([
         norm(parent=None), nn.relu, conv(num_channels, 1, parent=None),
         partial(avg_pool, kernel_size=2, strides=2),
@@ -103,7 +123,11 @@ class DenseNet(nn.Module):
         num_channels = 64
         blocks = self.num_convs_in_dense_blocks
         for i, num_convs in enumerate(blocks):
-            layers.append(("DenseBlock", DenseBlock(num_convs, self.growth_rate, conv, norm)))
+            # (a list of feature maps for a transition that pools each: transition_block)
+            keep = (i != len(blocks) - 1 and self.pool_first and takes_parts(norm)
+                    and _TRANSITION_PARTS)
+            layers.append(("DenseBlock", DenseBlock(num_convs, self.growth_rate, conv, norm,
+                                                    keep_parts=keep)))
             # The number of output channels of the previous dense block.
             num_channels += num_convs * self.growth_rate
             # A transition block that halves the channels between dense blocks.

@@ -11,6 +11,7 @@ Layers that a block function puts inside an `nn.Sequential` are made with `paren
 the `Sequential` adopts them as its own children rather than the enclosing network.
 """
 
+import itertools
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -212,12 +213,14 @@ class BatchNorm2d(nn.Module):
     (DenseNet's feature maps); the result is then a list too (`concat_relu` joins it). In
     training each part is normalised on its own statistics, which equal the concatenation's,
     and XLA computes those of a part that several layers normalise once (`DenseBlock`). In
-    evaluation the parts are concatenated first, one pass as for an array."""
+    evaluation the parts are concatenated first, one pass as for an array, unless `eval_parts`
+    (for parts that are pooled before they are joined: DenseNet's transitions)."""
 
     use_running_average: bool = False
     momentum: float = 0.9
     epsilon: float = 1e-5
     dtype: Dtype | None = None
+    eval_parts: bool = False  # a list's parts each on its own in evaluation too
 
     @nn.compact
     def __call__(self, x):
@@ -229,6 +232,11 @@ class BatchNorm2d(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         parts = [p.astype(jnp.promote_types(p.dtype, jnp.float32)) for p in parts]
         dtype = self.dtype or parts[0].dtype
+        if self.use_running_average and self.eval_parts and len(parts) > 1:
+            ends = itertools.accumulate(p.shape[-1] for p in parts)
+            return [ops.normalize(p, *(v[e - p.shape[-1]:e] for v in (
+                ra_mean.value, ra_var.value, scale, bias)), self.epsilon).astype(dtype)
+                for p, e in zip(parts, ends, strict=True)]
         if self.use_running_average:
             # XLA:CPU does not fuse per-part passes into a concatenation: one pass over it
             whole = ops.concat_channels(parts)
@@ -263,6 +271,11 @@ def concat_relu(x):
         x = [nn.relu(p) for p in x]
         return ops.concat_channels(x)
     return nn.relu(x)
+
+
+def relu_parts(x):
+    """`nn.relu` of an array, or of each array of a list (a list still)."""
+    return [nn.relu(p) for p in x] if isinstance(x, list) else nn.relu(x)
 
 
 def module_class(module: ModuleDef):
