@@ -77,9 +77,10 @@ class PooledConv(Conv):
 # DenseNet's dense blocks hand their transition blocks the list of feature maps (`keep_parts`),
 # and those normalise, ReLU and pool each map before joining them, in evaluation too
 # (`BatchNorm2d(eval_parts=True)`): training 1.08-1.10x faster on a CPU at batch 32 and 128,
-# inference 1.01-1.02x, paired (benchmarks/xla_cpu_study.md, "The Zen 4, session 31"). The arms `block-concat` and
-# `eval-concat` set these False: the block's maps concatenated at its end, as before
-# 2026-12-03; the transition's BatchNorm on their concatenation in evaluation.
+# inference 1.01-1.02x, paired (benchmarks/xla_cpu_study.md, "The Zen 4, session 31"). The
+# arms `block-concat` and `eval-concat` set these False: the block's maps concatenated at its
+# end, as before 2026-12-03 evening; the transition's BatchNorm on their concatenation in
+# evaluation.
 _TRANSITION_PARTS = True
 _TRANSITION_EVAL_PARTS = True
 
